@@ -1,0 +1,43 @@
+# `make run` and `make test` each set up everything they need, from a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= config/models.yaml
+# torch < 2.10 has weights_only advisories; 2.14.1 + 0.29.1 is a pair that imports together.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup tools run test train-more bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[test]' $(TORCH_PINS)
+	touch $@
+
+# Tests drive rsync against the daemon; install it where it is missing.
+tools:
+	@command -v rsync >/dev/null || { (apt-get update -qq && apt-get install -y -qq rsync >/dev/null) || sudo apt-get install -y -qq rsync; }
+
+run: setup
+	@ls checkpoints/shapes/*.pt >/dev/null 2>&1 || $(PY) -m examples.shapes.train --epochs 1
+	$(VENV)/bin/reloader serve --config $(CONFIG)
+
+# Train more epochs while the daemon runs: each epoch lands as a new checkpoint and goes live.
+train-more: setup
+	$(PY) -m examples.shapes.train --epochs 5 --resume
+
+test: setup tools
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m pip install -q -e '.[test,bench]' $(TORCH_PINS)
+	$(PY) -m bench.run
+
+lint: setup
+	$(VENV)/bin/ruff check reloader tests examples bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

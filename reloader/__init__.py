@@ -1,0 +1,3 @@
+"""reloader: serve PyTorch image classifiers and hot-reload them from the filesystem."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,192 @@
+"""The HTTP API. Handlers only read the registry; decoding and forward passes run off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import torch
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .batching import Batcher, Overloaded
+from .errors import InvalidImage
+from .registry import LiveModel
+from .supervisor import Supervisor
+
+logger = logging.getLogger("reloader.app")
+
+
+class ApiError(HTTPException):
+    """An error answer with a JSON body; `headers` carries Retry-After where it applies."""
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class Service:
+    """What the handlers need: the supervisor (config + registry), the batcher, and liveness probes."""
+
+    def __init__(self, supervisor: Supervisor, batcher: Batcher, alive: Callable[[], list[str]]) -> None:
+        self.supervisor = supervisor
+        self.batcher = batcher
+        self.alive = alive
+        # Decoding releases the GIL; more threads than cores would only queue inside Pillow.
+        self.decode_limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+
+    @property
+    def registry(self):  # noqa: ANN201 - the Registry, read-only here
+        return self.supervisor.registry
+
+    def resolve(self, name: str | None) -> tuple[str, LiveModel]:
+        """The live record for a model name (or the default), or the right 404/503."""
+        config = self.supervisor.config
+        if name is None:
+            name = config.default_model
+            if name is None:
+                raise ApiError(404, f"no default model: name one of {sorted(config.models)} in the path")
+        if name not in config.models:
+            raise ApiError(404, f"unknown model {name!r}; known models: {sorted(config.models)}")
+        live = self.registry.get(name)
+        if live is None:
+            worker = self.supervisor.worker(name)
+            why = (worker.describe()["error"] if worker else None) or "no validated version yet"
+            raise ApiError(503, f"model {name!r} is not ready: {why}", headers={"Retry-After": "5"})
+        return name, live
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.supervisor.config.server.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"body of {declared} bytes exceeds max_body_bytes ({limit})")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"body exceeds max_body_bytes ({limit})")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def image_bytes(self, request: Request) -> bytes:
+        body = await self.read_body(request)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return body
+
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+        except HTTPException as exc:
+            raise ApiError(400, f"malformed multipart body: {exc.detail}") from exc
+        field = form.get("file")
+        if field is None:
+            raise ApiError(400, "multipart body has no 'file' field")
+        return await field.read() if isinstance(field, UploadFile) else field.encode()
+
+    async def probabilities(self, live: LiveModel, images: list[bytes]) -> torch.Tensor:
+        """Decode, preprocess and run images on one live record; [len(images), num_classes]."""
+        batcher = self.batcher
+        batcher.decoding(live.name, len(images))
+        try:
+            decode = live.preprocessor.load
+            tensors = await asyncio.gather(
+                *(anyio.to_thread.run_sync(decode, data, limiter=self.decode_limiter) for data in images)
+            )
+        except InvalidImage as exc:
+            raise ApiError(400, str(exc)) from exc
+        finally:
+            batcher.decoding(live.name, -len(images))
+        timeout = self.supervisor.config.server.request_timeout_s
+        try:
+            rows = await asyncio.gather(*(batcher.submit(live, t, timeout) for t in tensors))
+        except Overloaded as exc:
+            raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from exc
+        except TimeoutError as exc:
+            message = f"timed out after {timeout} s waiting for model {live.name!r}"
+            raise ApiError(503, message, headers={"Retry-After": "1"}) from exc
+        return torch.stack(rows)
+
+
+def parse_top_k(request: Request, num_classes: int) -> int:
+    raw = request.query_params.get("top_k", "5")
+    try:
+        top_k = int(raw)
+    except ValueError:
+        raise ApiError(422, f"top_k must be a whole number, got {raw!r}") from None
+    if top_k < 1:
+        raise ApiError(422, f"top_k must be >= 1, got {top_k}")
+    return min(top_k, num_classes)
+
+
+def prediction(live: LiveModel, probs: torch.Tensor, top_k: int) -> dict[str, Any]:
+    values, indices = probs.topk(top_k)
+    return {
+        "model": live.name,
+        "version": live.version,
+        "sha256": live.sha256,
+        "predictions": [
+            {"label": live.labels[i], "index": i, "probability": round(float(p), 6)}
+            for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+        ],
+    }
+
+
+def build_app(service: Service, extra_routes: list[Route] | None = None) -> Starlette:
+    async def predict(request: Request) -> Response:
+        name, live = service.resolve(request.path_params.get("name"))
+        top_k = parse_top_k(request, live.config.num_classes)
+        data = await service.image_bytes(request)
+        probs = await service.probabilities(live, [data])
+        return JSONResponse(prediction(live, probs[0], top_k))
+
+    async def models(request: Request) -> Response:
+        return JSONResponse(service.supervisor.describe())
+
+    async def model(request: Request) -> Response:
+        name = request.path_params["name"]
+        worker = service.supervisor.worker(name)
+        if worker is None:
+            raise ApiError(404, f"unknown model {name!r}")
+        return JSONResponse(worker.describe())
+
+    async def healthz(request: Request) -> Response:
+        dead = service.alive()
+        if dead:
+            return error_response(503, f"not healthy: {', '.join(dead)}")
+        return JSONResponse({"status": "alive"})
+
+    async def readyz(request: Request) -> Response:
+        config = service.supervisor.config
+        missing = [name for name in config.models if service.registry.get(name) is None]
+        if missing:
+            return error_response(503, f"models with no live version: {', '.join(missing)}")
+        return JSONResponse({"status": "ready", "models": list(config.models)})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
+    routes = [
+        Route("/predict", predict, methods=["POST"]),
+        Route("/models/{name}/predict", predict, methods=["POST"]),
+        Route("/models", models),
+        Route("/models/{name}", model),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        *(extra_routes or []),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: unexpected})

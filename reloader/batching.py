@@ -1,0 +1,150 @@
+"""Dynamic batching: concurrent requests for one model share a forward pass on one inference thread.
+
+There is one forward pass at a time in the process, so torch's intra-op threads use every core and are
+never oversubscribed by parallel passes. A batch forms from whatever queued while the previous pass
+ran; it waits `max_wait_ms` more only when other requests for that model are still being decoded, so
+a lone request never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelConfig
+from .registry import LiveModel
+
+
+class Overloaded(Exception):
+    """The model's bounded queue is full; the caller should answer 503 with Retry-After."""
+
+
+@dataclass(eq=False)
+class _Item:
+    live: LiveModel
+    tensor: torch.Tensor
+    future: asyncio.Future[torch.Tensor]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+def forward(live: LiveModel, batch: torch.Tensor) -> torch.Tensor:
+    """Probabilities for a batch of preprocessed images, on the model's own record."""
+    with torch.inference_mode():
+        logits = live.module(batch.contiguous(memory_format=torch.channels_last))
+        return logits.float().softmax(dim=1)
+
+
+class Batcher:
+    """Lives on the event loop: every method but the executor's work runs on the loop thread."""
+
+    def __init__(self, *, on_batch: Callable[[str, int, float], None] = lambda name, size, s: None) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._queues: dict[str, deque[_Item]] = {}
+        self._decoding: dict[str, int] = {}
+        self._running = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._on_batch = on_batch
+
+    def queue_depth(self, name: str) -> int:
+        return len(self._queues.get(name, ()))
+
+    def decoding(self, name: str, delta: int) -> None:
+        """Count requests being decoded, so a forming batch knows whether more are coming."""
+        self._decoding[name] = self._decoding.get(name, 0) + delta
+
+    async def submit(self, live: LiveModel, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
+        queue = self._queues.setdefault(live.name, deque())
+        if len(queue) >= live.config.batch.queue_size:
+            raise Overloaded(f"model {live.name!r} has {len(queue)} requests queued, its limit")
+        item = _Item(live, tensor, asyncio.get_running_loop().create_future())
+        queue.append(item)
+        self._kick()
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), timeout)
+        finally:
+            if not item.future.done():
+                item.future.cancel()  # a timed-out request leaves the queue instead of costing a pass
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _kick(self) -> None:
+        if self._running:
+            return
+        for name, queue in self._queues.items():
+            while queue and queue[0].future.done():
+                queue.popleft()
+            if not queue:
+                continue
+            spec = queue[0].live.config.batch
+            if len(queue) < spec.max_size and self._decoding.get(name, 0) > 0 and spec.max_wait_ms > 0:
+                waited = time.perf_counter() - queue[0].enqueued
+                if waited * 1000.0 < spec.max_wait_ms:
+                    self._arm_timer(spec.max_wait_ms / 1000.0 - waited)
+                    continue
+            self._start(self._take(queue, spec.max_size))
+            # Round robin: the model served now goes to the back of the line.
+            self._queues[name] = self._queues.pop(name)
+            return
+
+    def _arm_timer(self, delay: float) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._kick()
+
+    @staticmethod
+    def _take(queue: deque[_Item], max_size: int) -> list[_Item]:
+        # One pass serves one version: items queued before a swap stay together on the old record.
+        first = queue[0].live
+        batch: list[_Item] = []
+        while queue and len(batch) < max_size and queue[0].live is first:
+            item = queue.popleft()
+            if not item.future.done():
+                batch.append(item)
+        return batch
+
+    def _start(self, batch: list[_Item]) -> None:
+        if not batch:
+            self._kick()
+            return
+        self._running = True
+        loop = asyncio.get_running_loop()
+        live = batch[0].live
+        stacked = torch.stack([item.tensor for item in batch])
+        started = time.perf_counter()
+        done = loop.run_in_executor(self._executor, forward, live, stacked)
+
+        def finished(fut: asyncio.Future[torch.Tensor]) -> None:
+            self._running = False
+            self._on_batch(live.name, len(batch), time.perf_counter() - started)
+            exc = None if fut.cancelled() else fut.exception()
+            for i, item in enumerate(batch):
+                if item.future.done():
+                    continue
+                if fut.cancelled():
+                    item.future.cancel()
+                elif exc is not None:
+                    item.future.set_exception(exc)
+                else:
+                    item.future.set_result(fut.result()[i])
+            self._kick()
+
+        done.add_done_callback(finished)
+
+
+def prepare_module(module: torch.nn.Module, config: ModelConfig) -> torch.nn.Module:
+    """Make a validated module fast to serve; runs in the gate, so the warm-up exercises the result."""
+    module = module.to(memory_format=torch.channels_last)
+    if config.optimize == "compile":
+        # Compilation happens during the warm-up forward, while the previous version keeps serving.
+        module = torch.compile(module, dynamic=True)
+    return module

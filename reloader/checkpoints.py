@@ -1,0 +1,179 @@
+"""Checkpoint files: which names count, their version numbers, their identity, and safe loading."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import re
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointIncomplete, CheckpointRejected, UnsafeEnvironment
+
+SUFFIXES = (".pt", ".pth", ".safetensors")
+IGNORED_SUFFIXES = (".tmp", ".part", "~")
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+# DataParallel and torch.compile prefix every key with these.
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+_NUMBER = re.compile(r"\d+")
+
+
+def check_environment() -> None:
+    """Refuse to run where torch.load would silently unpickle arbitrary objects."""
+    if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        raise UnsafeEnvironment(
+            "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set, which makes torch.load run arbitrary pickles; unset it"
+        )
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """Hidden files, temporaries of rsync/editors/downloads and other suffixes are never candidates."""
+    return not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES) and name.endswith(SUFFIXES)
+
+
+def parse_version(name: str) -> int:
+    """The last number in the file's stem: shapes-v12.pt is 12, epoch_003.pt is 3; no number is 0."""
+    numbers = _NUMBER.findall(Path(name).stem)
+    return int(numbers[-1]) if numbers else 0
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    """One checkpoint file as seen by a scan. Ordering is rank: version, then modification time."""
+
+    version: int
+    mtime_ns: int
+    path: Path
+    size: int
+    inode: int
+
+    @property
+    def signature(self) -> tuple[int, int, int]:
+        """Changes whenever the file's content may have changed; the sha256 decides if it really did."""
+        return (self.inode, self.size, self.mtime_ns)
+
+
+def stat_candidate(path: Path) -> Candidate | None:
+    try:
+        st = path.stat(follow_symlinks=False)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or not is_checkpoint_name(path.name):
+        return None
+    return Candidate(parse_version(path.name), st.st_mtime_ns, path, st.st_size, st.st_ino)
+
+
+def scan(folder: Path) -> list[Candidate]:
+    """Every candidate in the folder, newest first."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = (stat_candidate(folder / name) for name in names)
+    return sorted((c for c in found if c is not None), reverse=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    state_dict: dict[str, torch.Tensor]
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+def _unwrap(obj: object) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in WRAPPER_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointRejected("load", f"not a state_dict: the file holds a {type(obj).__name__}")
+    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointRejected("load", f"not a state_dict: entries that are not tensors: {', '.join(bad[:5])}")
+    return obj
+
+
+def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def strip(key: str) -> str:
+        while key.startswith(STRIPPED_PREFIXES):
+            key = key.split(".", 1)[1]
+        return key
+
+    return {strip(k): v for k, v in state_dict.items()}
+
+
+def _deserialize(data: bytes, suffix: str) -> object:
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return load_safetensors(data)
+        except (SafetensorError, ValueError) as exc:
+            raise CheckpointRejected("load", f"not a valid safetensors file: {exc}") from exc
+    try:
+        # weights_only refuses any pickle that would build objects other than tensors and containers.
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise CheckpointRejected(
+            "load", f"pickle refused by the weights_only loader: {_unpickling_detail(exc)}"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
+        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CheckpointRejected("load", f"not a readable torch.save file: {detail}") from exc
+
+
+def _unpickling_detail(exc: Exception) -> str:
+    # torch wraps the useful line ("Unsupported operand 120", "unsupported GLOBAL posix.system") in advice.
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    return " ".join(useful) or (lines[0] if lines else type(exc).__name__)
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Read the file once, hash exactly those bytes and deserialize them safely."""
+    check_environment()
+    try:
+        before = path.stat()
+        data = path.read_bytes()
+        after = path.stat()
+    except OSError as exc:
+        raise CheckpointRejected("load", f"cannot read file: {exc.strerror}") from exc
+    changing = (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
+    if changing or len(data) != after.st_size:
+        raise CheckpointIncomplete("load", "file changed while it was read; it is still being written")
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        obj = _deserialize(data, path.suffix)
+    except CheckpointRejected as exc:
+        if _still_changing(path, after):
+            raise CheckpointIncomplete("load", f"file is still being written ({exc.reason})") from exc
+        raise
+    del data
+    state_dict = _strip_prefixes(_unwrap(obj))
+    return LoadedCheckpoint(state_dict, sha256, after.st_size, after.st_mtime_ns)
+
+
+def _still_changing(path: Path, seen: os.stat_result) -> bool:
+    try:
+        now = path.stat()
+    except OSError:
+        return True
+    return (now.st_size, now.st_mtime_ns, now.st_ino) != (seen.st_size, seen.st_mtime_ns, seen.st_ino)

@@ -1,0 +1,84 @@
+"""Request bytes to an RGB image to a normalised tensor, the same way for serving and for the gate."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as F
+
+from .config import Preprocess
+from .errors import InvalidImage
+
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in _SIXTEEN_BIT:
+        # PIL's own I;16 -> RGB conversion clips at 255 and turns most 16-bit images white.
+        arr = np.asarray(img, dtype=np.float32)
+        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        img = Image.fromarray(np.clip(arr * 255.0 if arr.max(initial=0) <= 1 else arr, 0, 255).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        # Transparent pixels carry arbitrary colour; show them over white, as a viewer would.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode any mode Pillow reads, apply EXIF orientation, return RGB; InvalidImage otherwise."""
+    if not data:
+        raise InvalidImage("empty body: send the image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                raise InvalidImage(
+                    f"image of {width}x{height} pixels exceeds the decompression-bomb limit "
+                    f"of {Image.MAX_IMAGE_PIXELS} pixels"
+                )
+            img.load()
+            oriented = ImageOps.exif_transpose(img)
+            return _to_rgb(oriented)
+    except InvalidImage:
+        raise
+    except UnidentifiedImageError as exc:
+        raise InvalidImage("body is not an image format Pillow can read") from exc
+    except Image.DecompressionBombError as exc:
+        raise InvalidImage(f"decompression bomb refused: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as exc:
+        raise InvalidImage(f"image could not be decoded: {' '.join(str(exc).split())}") from exc
+
+
+class Preprocessor:
+    """Resize the short side, centre-crop, scale to [0, 1] and normalise (torchvision's classic recipe)."""
+
+    def __init__(self, spec: Preprocess) -> None:
+        self.spec = spec
+        self._mean = torch.tensor(spec.mean).view(3, 1, 1)
+        self._std = torch.tensor(spec.std).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = F.resize(img, [self.spec.resize], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+        img = F.center_crop(img, [self.spec.crop, self.spec.crop])
+        tensor = F.pil_to_tensor(img).to(torch.float32).div_(255.0)
+        return tensor.sub_(self._mean).div_(self._std)
+
+    def synthetic(self) -> torch.Tensor:
+        """A fixed, image-like input for models that have no warm-up images configured."""
+        side = self.spec.resize
+        ramp = np.linspace(0, 255, side, dtype=np.float32)
+        rgb = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side))])
+        return self(Image.fromarray(rgb.transpose(1, 2, 0).astype(np.uint8), mode="RGB"))
+
+    def load(self, data: bytes) -> torch.Tensor:
+        return self(decode_image(data))

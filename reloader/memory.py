@@ -1,0 +1,33 @@
+"""Give freed model memory back to the OS after a swap, so RSS does not ratchet up with every reload."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+from functools import cache
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def release() -> None:
+    """Collect cycles, then ask glibc to return free heap pages (large tensors often land in the heap)."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process, from /proc (Linux)."""
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")

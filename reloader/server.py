@@ -1,0 +1,161 @@
+"""The daemon: wires supervisor, watcher, batcher and HTTP app together, and runs them under uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from types import FrameType
+
+import uvicorn
+
+from .app import Service, build_app
+from .batching import Batcher, prepare_module
+from .checkpoints import check_environment
+from .config import Config
+from .jobs import Outcome
+from .notify import Notifier
+from .registry import Registry
+from .supervisor import Supervisor
+from .watcher import Watcher
+
+logger = logging.getLogger("reloader.server")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus SIGHUP, systemd notifications and watchdog pings, and exit 0 on SIGTERM."""
+
+    def __init__(self, config: uvicorn.Config, daemon: Daemon) -> None:
+        super().__init__(config)
+        self.daemon = daemon
+        self._last_ping = 0.0
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises SIGTERM after shutdown, which would end the process with 143 instead of 0.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.daemon.on_sighup)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            logger.warning("second %s: exiting without waiting for requests in flight", signal.Signals(sig).name)
+            self.force_exit = True
+            return
+        logger.info("%s received: finishing requests in flight, then exiting", signal.Signals(sig).name)
+        self.daemon.notifier.stopping()
+        self.should_exit = True
+
+    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        await super().startup(sockets)
+        if self.started:
+            self.daemon.notifier.ready(self.daemon.summary())
+
+    async def on_tick(self, counter: int) -> bool:
+        # Pings come from the event loop itself, so a stuck loop or a dead watcher stops them.
+        interval = self.daemon.notifier.watchdog_interval
+        now = time.monotonic()
+        if interval is not None and now - self._last_ping >= interval and not self.daemon.dead_parts():
+            self.daemon.notifier.watchdog()
+            self._last_ping = now
+        return await super().on_tick(counter)
+
+
+class Daemon:
+    """One process serving one config file."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        access_log: bool | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        check_environment()
+        self.notifier = notifier or Notifier()
+        self.registry = Registry()
+        self.supervisor = Supervisor(
+            config, self.registry, prepare=prepare_module, on_outcome=self._on_outcome, on_config=self._on_config
+        )
+        self.watcher = Watcher(self.supervisor)
+        self.batcher = Batcher()
+        self.service = Service(self.supervisor, self.batcher, self.dead_parts)
+        self.app = build_app(self.service)
+        server = config.server
+        self.server = _Server(
+            uvicorn.Config(
+                self.app,
+                host=host or server.host,
+                port=server.port if port is None else port,
+                access_log=server.access_log if access_log is None else access_log,
+                log_config=None,
+                lifespan="off",
+                timeout_graceful_shutdown=server.shutdown_timeout_s,
+            ),
+            self,
+        )
+
+    def dead_parts(self) -> list[str]:
+        dead = []
+        if not self.watcher.is_alive():
+            dead.append("file watcher")
+        if not self.supervisor.is_alive():
+            dead.append("reload workers")
+        return dead
+
+    def summary(self) -> str:
+        live = self.registry.snapshot()
+        names = self.supervisor.config.models
+        parts = [f"{n} v{live[n].version}" if n in live else f"{n} not ready" for n in names]
+        return "serving " + (", ".join(parts) or "no models")
+
+    def on_sighup(self, sig: int, frame: FrameType | None) -> None:
+        # Signal handlers run on the event loop's thread: do the reload elsewhere.
+        threading.Thread(target=self._reload, name="sighup-reload", daemon=True).start()
+
+    def _reload(self) -> None:
+        logger.info("SIGHUP: re-reading the config and rescanning checkpoints")
+        self.notifier.reloading()
+        self.supervisor.reload()
+        self.supervisor.wait_idle(timeout=300)
+        self.notifier.ready(self.summary())
+
+    def _on_outcome(self, outcome: Outcome) -> None:
+        if outcome.kind in ("swapped", "rejected"):
+            file = outcome.path.rsplit("/", 1)[-1] if outcome.path else "?"
+            what = "live" if outcome.kind == "swapped" else f"rejected ({outcome.reason})"
+            self.notifier.status(f"{outcome.model}: {file} {what}; {self.summary()}")
+
+    def _on_config(self, config: Config | None, error: str | None) -> None:
+        if error is not None:
+            self.notifier.status(f"config rejected: {error}")
+
+    def run(self) -> int:
+        """Load every model, then serve until SIGTERM/SIGINT. Returns the exit code."""
+        logger.info("reloader starting with %s", self.supervisor.config_path)
+        self.supervisor.start()
+        self.supervisor.wait_idle()
+        logger.info("initial load done: %s", self.summary())
+        self.watcher.start()
+        try:
+            self.server.run()
+        finally:
+            self.watcher.stop()
+            self.supervisor.stop()
+            self.batcher.close()
+            self.notifier.close()
+        logger.info("reloader stopped")
+        return 1 if self.server.force_exit else 0
