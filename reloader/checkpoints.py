@@ -139,12 +139,28 @@ def _deserialize(data: bytes, suffix: str) -> object:
         raise CheckpointRejected("load", f"not a readable torch.save file: {detail}") from exc
 
 
+_TORCH_ADVICE = (
+    "Weights only load failed",
+    "In PyTorch 2.6",
+    "Re-running",
+    "Do it only if",
+    "Please use",
+    "Please file",
+    "Check the documentation",
+    "This file can still be loaded",
+    "Alternatively",
+)
+
+
 def _unpickling_detail(exc: Exception) -> str:
-    # torch wraps the useful line ("Unsupported operand 120", "unsupported GLOBAL posix.system") in advice.
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    useful = [line for line in lines if not line.startswith(boilerplate)]
-    return " ".join(useful) or (lines[0] if lines else type(exc).__name__)
+    # torch wraps the useful part ("Unsupported global: GLOBAL io.open", "Unsupported operand 120") in advice.
+    text = " ".join(str(exc).replace("\x1b[1m", "").replace("\x1b[0m", "").split())
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    for trailing in ("Check the documentation", "Please use"):
+        text = text.split(trailing, 1)[0]
+    sentences = re.split(r"(?<=[.:])\s+", text)
+    kept = [s for s in sentences if s and not any(advice in s for advice in _TORCH_ADVICE)]
+    return " ".join(kept).strip() or type(exc).__name__
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:

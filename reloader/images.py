@@ -43,7 +43,7 @@ def decode_image(data: bytes) -> Image.Image:
             width, height = img.size
             if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
                 raise InvalidImage(
-                    f"image of {width}x{height} pixels exceeds the decompression-bomb limit "
+                    f"decompression bomb refused: {width}x{height} pixels exceeds the limit "
                     f"of {Image.MAX_IMAGE_PIXELS} pixels"
                 )
             img.load()

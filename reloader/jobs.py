@@ -295,13 +295,8 @@ class ModelWorker:
             self._files, self._error, self._live_file = files, error, live_file
 
     def _still_written(self, cand: Candidate) -> bool:
-        if cand.path in self.unsettled(self._clock()):
-            return True  # write events arrived while it was being validated
-        # Polling sees no close events: a file whose mtime is within the settle window may still grow.
-        if not self._watch.poll:
-            return False
-        window = self._watch.settle_ms / 1000.0 + self._watch.poll_interval
-        return time.time() - cand.mtime_ns / 1e9 < window
+        """Write events arrived while it was validated: the failure says nothing about the finished file."""
+        return cand.path in self.unsettled(self._clock())
 
     def _retry_later(self, path: Path) -> None:
         with self._lock:

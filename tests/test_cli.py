@@ -1,0 +1,70 @@
+"""`reloader validate` exit codes and start-up errors, run as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from conftest import Project, colours_yaml, reloader_cmd, subprocess_env
+from tinynet import colour_state_dict
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(reloader_cmd(*args), env=subprocess_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_validate_exits_0_for_a_checkpoint_that_passes(project: Project):
+    good = project.stage("good.pt")
+
+    result = run("validate", "--config", str(project.config), "--model", "colours", str(good))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("PASSED")
+    for check in ("load", "structure", "finite", "warmup"):
+        assert f"[ok] {check}" in result.stdout
+
+
+def test_validate_exits_1_and_prints_the_report_for_a_rejected_checkpoint(project: Project):
+    bad = project.stage("bad.pt", colour_state_dict(permute=(2, 1, 0)))
+
+    text = run("validate", "--config", str(project.config), "--model", "colours", str(bad))
+    as_json = run("validate", "--config", str(project.config), "--json", str(bad))
+
+    assert text.returncode == 1
+    assert "REJECTED" in text.stdout
+    assert "[FAIL] warmup" in text.stdout
+    assert as_json.returncode == 1
+    report = json.loads(as_json.stdout)
+    assert report["passed"] is False
+    assert report["reason"].startswith("warmup: red.png: expected 'red', got 'blue'")
+    assert [c["name"] for c in report["checks"]] == ["load", "structure", "finite", "warmup"]
+    assert len(report["sha256"]) == 64
+
+
+def test_validate_exits_2_on_usage_and_config_errors(project: Project):
+    good = project.stage("good.pt")
+    broken = project.root / "broken.yaml"
+    broken.write_text(colours_yaml().replace("num_classes: 3", "num_classes: -3"))
+
+    unknown_model = run("validate", "--config", str(project.config), "--model", "nope", str(good))
+    bad_config = run("validate", "--config", str(broken), str(good))
+    missing_file = run("validate", "--config", str(project.config), str(project.root / "absent.pt"))
+    no_file_argument = run("validate", "--config", str(project.config))
+
+    assert unknown_model.returncode == 2
+    assert "--model must name one of ['colours'], got 'nope'" in unknown_model.stderr
+    assert bad_config.returncode == 2
+    assert "models.colours.num_classes: must be > 0, got -3" in bad_config.stderr
+    assert missing_file.returncode == 2
+    assert no_file_argument.returncode == 2
+
+
+def test_a_bad_config_at_startup_exits_non_zero_with_one_line_and_no_traceback(project: Project):
+    project.write_config(colours_yaml().replace("num_classes: 3", "num_classes: -3"))
+
+    result = run("serve", "--config", str(project.config))
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"reloader: error: {project.config}: models.colours.num_classes: must be > 0, got -3"
+    ]
