@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import Candidate, scan, sha256_file
+from .checkpoints import Candidate, scan, sha256_file, stat_candidate
 from .config import ModelConfig, WatchConfig
 from .errors import ConfigError
 from .memory import release
@@ -82,6 +82,8 @@ class ModelWorker:
         self._files: list[dict[str, Any]] = []
         self._error: str | None = None
         self._live_file: str = "none"
+        self._dirty = True
+        self.passes = 0
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self._thread = threading.Thread(target=self._run, name=f"reload-{name}", daemon=True)
 
@@ -99,6 +101,7 @@ class ModelWorker:
 
     def rescan(self) -> None:
         with self._lock:
+            self._dirty = True
             self._idle.clear()
             self._wake.set()
 
@@ -111,6 +114,7 @@ class ModelWorker:
         """kind: "moved" (renamed into place), "closed" (after writing), "created", "written", or "deleted"."""
         now = self._clock()
         with self._lock:
+            first = kind != "deleted" and path not in self._seen_at
             self._seen_at.setdefault(path, now)
             if kind in ("moved", "closed"):
                 self._writing.discard(path)
@@ -130,7 +134,20 @@ class ModelWorker:
                 self._writing.discard(path)
                 self._pending.pop(path, None)
                 self._seen_at.pop(path, None)
-        self.rescan()
+        if first:
+            # One line per file arriving, not per event: a plain `cp` sends dozens of write events.
+            logger.info(
+                "model %s: checkpoint %s seen (%s)",
+                self.name,
+                path.name,
+                kind,
+                extra={"event": "checkpoint_seen", "model": self.name, "file": str(path), "how": kind},
+            )
+        with self._lock:
+            # A file still settling only moves the next deadline; a pass now would find it unfinished.
+            self._dirty = self._dirty or kind in ("moved", "closed", "deleted")
+            self._idle.clear()
+            self._wake.set()
 
     @property
     def folder(self) -> Path:
@@ -159,6 +176,7 @@ class ModelWorker:
             "checkpoints": str(config.checkpoints),
             "version_policy": config.version,
             "files": files,
+            "passes": self.passes,
             "events": events[::-1],
         }
 
@@ -166,21 +184,27 @@ class ModelWorker:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            timeout = self._until_next_due()
-            if not self._wake.wait(timeout) and timeout is None:
-                continue
+            self._wake.wait(self._until_next_due())
             if self._stop.is_set():
                 break
-            self._wake.clear()
+            with self._lock:
+                self._wake.clear()
+                now = self._clock()
+                due = self._dirty or any(t <= now for t in self._pending.values())
+                self._dirty = False
+            if not due:
+                continue
             try:
                 self._reconcile()
+                self.passes += 1
             except Exception as exc:  # a failing pass is recorded; it must never kill the worker
+                self.passes += 1
                 logger.exception("model %s: reload pass failed", self.name)
                 self._record("error", None, "error", f"{type(exc).__name__}: {exc}")
                 with self._lock:
                     self._error = f"reload pass failed: {type(exc).__name__}: {exc}"
             with self._lock:
-                if not self._wake.is_set() and not self._pending:
+                if not self._dirty and not self._pending:
                     self._idle.set()
 
     def _until_next_due(self) -> float | None:
@@ -243,7 +267,10 @@ class ModelWorker:
             if cand.path in unsettled:
                 status[cand.path] = ("incomplete", "still being written")
                 continue
-            digest = self._sha256(cand)
+            try:
+                digest = self._sha256(cand)
+            except OSError:
+                continue  # deleted or renamed since the scan; its own event brings another pass
             if live is not None and live.config == config and digest == live.sha256 and cand.path == live.path:
                 break
             if digest in self._rejected:
@@ -257,11 +284,27 @@ class ModelWorker:
                 continue
             if new is None or report.sha256 != digest:
                 reason = report.reason or "file changed during validation"
-                if report.sha256 == digest:
+                # A file torch cannot load has no sha256 in its report; unchanged since the scan, the
+                # digest taken then is its own, and caching it stops every later pass re-reading it.
+                if report.sha256 == digest or (report.sha256 is None and stat_candidate(cand.path) == cand):
                     self._rejected[digest] = reason
                 status[cand.path] = ("rejected", reason)
+                with self._lock:
+                    self._seen_at.pop(cand.path, None)  # a rewrite of this path is a new arrival
                 self._record("rejected", report, "rejected", reason)
-                logger.warning("model %s: rejected %s: %s", self.name, cand.path.name, reason)
+                logger.warning(
+                    "model %s: rejected %s: %s",
+                    self.name,
+                    cand.path.name,
+                    reason,
+                    extra={
+                        "event": "checkpoint_rejected",
+                        "model": self.name,
+                        "file": str(cand.path),
+                        "sha256": digest,
+                        "reason": reason,
+                    },
+                )
                 continue
             self._swap(new, report)
             live, swapped, live_file = new, True, "present"
@@ -303,24 +346,50 @@ class ModelWorker:
             self._pending[path] = self._clock() + max(self._watch.settle_ms / 1000.0, 0.05)
 
     def _swap(self, new: LiveModel, report: ValidationReport) -> None:
-        previous = self.registry.swap(new)
-        seen = self._seen_at.pop(new.path, None)
-        self._record("swapped", report, "live", None, seen)
+        checks = {c.name: c.ms for c in report.checks}
         logger.info(
-            "model %s: version %s live (%s, sha256 %s) in %.0f ms, replacing %s",
+            "model %s: %s passed validation (%s)",
+            self.name,
+            new.path.name,
+            ", ".join(f"{name} {ms:.0f} ms" for name, ms in checks.items()),
+            extra={
+                "event": "checkpoint_validated",
+                "model": self.name,
+                "file": str(new.path),
+                "sha256": new.sha256,
+                "timings_ms": checks,
+            },
+        )
+        previous = self.registry.swap(new)
+        with self._lock:
+            seen = self._seen_at.pop(new.path, None)
+        timings = self._record("swapped", report, "live", None, seen)["timings_ms"]
+        detected = timings.get("since_detected")
+        logger.info(
+            "model %s: version %s live (%s, sha256 %s) in %.0f ms%s, replacing %s",
             self.name,
             new.version,
             new.path.name,
             new.sha256[:12],
             report.total_ms,
+            "" if detected is None else f", {detected:.0f} ms after it was seen",
             "nothing" if previous is None else f"version {previous.version}",
+            extra={
+                "event": "checkpoint_swapped",
+                "model": self.name,
+                "file": str(new.path),
+                "version": new.version,
+                "sha256": new.sha256,
+                "previous_version": None if previous is None else previous.version,
+                "timings_ms": timings,
+            },
         )
         del previous  # requests still holding the old record finish on it, then it is freed
         release()
 
     def _record(
         self, event: str, report: ValidationReport | None, result: str, reason: str | None, seen: float | None = None
-    ) -> None:
+    ) -> dict[str, Any]:
         entry: dict[str, Any] = {"time": time.time(), "event": event, "result": result, "reason": reason}
         if report is not None:
             entry["file"] = report.path
@@ -329,7 +398,11 @@ class ModelWorker:
                 entry["timings_ms"]["since_detected"] = round((self._clock() - seen) * 1000.0, 3)
         with self._lock:
             self.events.append(entry)
-        self._on_outcome(Outcome(self.name, event, entry.get("file"), reason, report))
+        try:
+            self._on_outcome(Outcome(self.name, event, entry.get("file"), reason, report))
+        except Exception:  # a failing hook (metrics, notify) must not undo a swap or stop the worker
+            logger.exception("model %s: outcome hook failed", self.name)
+        return entry
 
 
 def _live_file_state(live: LiveModel | None, cand: Candidate | None, sha: Callable[[Candidate], str]) -> str:
