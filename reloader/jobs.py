@@ -169,7 +169,7 @@ class ModelWorker:
             "name": self.name,
             "state": "ready" if live is not None else "not ready",
             "live": None if live is None else {**live.describe(), "file": live_file, "report": live.report.to_dict()},
-            "definition_current": live is None or live.config == config,
+            "definition_current": live is None or same_definition(live.config, config),
             "error": error,
             "arch": config.arch,
             "num_classes": config.num_classes,
@@ -232,8 +232,9 @@ class ModelWorker:
 
     def _current_gate(self, config: ModelConfig) -> Gate:
         if self._gate is None or self._gate_config != config:
+            if self._gate_config is None or not same_definition(self._gate_config, config):
+                self._rejected.clear()  # a file rejected under the old definition may fit the new one
             self._gate = None
-            self._rejected.clear()  # a file rejected under the old definition may fit the new one
             self._gate = Gate(self.name, config, self._prepare)
             self._gate_config = config
         return self._gate
@@ -255,8 +256,9 @@ class ModelWorker:
         live_file = _live_file_state(live, by_path.get(live.path) if live else None, self._sha256)
         # A live model bounds the search: older files are standby, unless its file was deleted, the pin
         # moved off its version, or its definition changed (then everything must be re-validated).
+        current = live is not None and same_definition(live.config, config)
         bound = None
-        if live is not None and live.config == config and live_file != "deleted":
+        if live is not None and current and live_file != "deleted":
             if config.version in ("latest", live.version):
                 bound = (live.version, live.report.mtime_ns or 0)
         status: dict[Path, tuple[str, str | None]] = {}
@@ -271,7 +273,7 @@ class ModelWorker:
                 digest = self._sha256(cand)
             except OSError:
                 continue  # deleted or renamed since the scan; its own event brings another pass
-            if live is not None and live.config == config and digest == live.sha256 and cand.path == live.path:
+            if live is not None and current and digest == live.sha256 and cand.path == live.path:
                 break
             if digest in self._rejected:
                 status[cand.path] = ("rejected", self._rejected[digest])
@@ -307,10 +309,10 @@ class ModelWorker:
                 )
                 continue
             self._swap(new, report)
-            live, swapped, live_file = new, True, "present"
+            live, swapped, live_file, current = new, True, "present", True
             break
         error = folder_error
-        if not swapped and live is not None and live.config != config:
+        if not swapped and live is not None and not current:
             error = "the changed definition has no valid checkpoint yet; the previous definition keeps serving"
         elif config.version != "latest" and (live is None or live.version != config.version):
             error = f"pinned version {config.version} has no valid checkpoint; " + (
@@ -403,6 +405,11 @@ class ModelWorker:
         except Exception:  # a failing hook (metrics, notify) must not undo a swap or stop the worker
             logger.exception("model %s: outcome hook failed", self.name)
         return entry
+
+
+def same_definition(a: ModelConfig, b: ModelConfig) -> bool:
+    """Equal but for `version`: a pin moves between files of one definition, it does not change it."""
+    return a.model_copy(update={"version": b.version}) == b
 
 
 def _live_file_state(live: LiveModel | None, cand: Candidate | None, sha: Callable[[Candidate], str]) -> str:

@@ -15,6 +15,7 @@ from .jobs import Clock, ModelWorker, Outcome, Prepare
 from .registry import Registry
 
 logger = logging.getLogger("reloader.supervisor")
+MAX_CONFIG_DELAY_FACTOR = 5
 
 
 class Supervisor:
@@ -44,6 +45,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._config_due: float | None = None
+        self._config_first_touch: float | None = None
         self._thread = threading.Thread(target=self._run, name="config-reload", daemon=True)
         self.config_listeners: list[Callable[[Config], None]] = []
 
@@ -53,6 +55,7 @@ class Supervisor:
         return self.config.path
 
     def start(self) -> None:
+        self._log_loaded(self.config)
         with self._lock:
             for name, model in self.config.models.items():
                 self._add(name, model)
@@ -97,8 +100,14 @@ class Supervisor:
 
     def config_touched(self) -> None:
         """Something changed in the config's folder: reload once the burst of events is over."""
+        now = self._clock()
+        debounce = self.config.watch.config_debounce_ms / 1000.0
         with self._lock:
-            self._config_due = self._clock() + self.config.watch.config_debounce_ms / 1000.0
+            if self._config_first_touch is None:
+                self._config_first_touch = now
+            # Each event pushes the reload back, but never past a bound: a steady trickle of events
+            # (a log file beside the config, say) must not postpone it forever.
+            self._config_due = min(now + debounce, self._config_first_touch + MAX_CONFIG_DELAY_FACTOR * debounce)
         self._wake.set()
 
     def reload(self) -> bool:
@@ -120,6 +129,7 @@ class Supervisor:
                 if self._config_due is None or self._config_due > self._clock():
                     continue
                 self._config_due = None
+                self._config_first_touch = None
             try:
                 self._reload_config(force=False)
             except Exception:  # never let one bad reload end config watching
@@ -133,7 +143,11 @@ class Supervisor:
                 changed = self.config_error != str(exc)
                 self.config_error = str(exc)
             if changed or force:
-                logger.error("config rejected, the running config stays: %s", exc)
+                logger.error(
+                    "config rejected, the running config stays: %s",
+                    exc,
+                    extra={"event": "config_rejected", "config": str(self.config_path), "error": str(exc)},
+                )
                 self._on_config(None, str(exc))
             return False
         with self._lock:
@@ -143,11 +157,19 @@ class Supervisor:
             self.config_error = None
             self.config_loaded_at = time.time()
             self._apply(old, new)
-        logger.info("config loaded from %s: models %s", new.path, ", ".join(new.models) or "(none)")
+        self._log_loaded(new)
         self._on_config(new, None)
         for listener in self.config_listeners:
             listener(new)
         return True
+
+    def _log_loaded(self, config: Config) -> None:
+        logger.info(
+            "config loaded from %s: models %s",
+            config.path,
+            ", ".join(config.models) or "(none)",
+            extra={"event": "config_loaded", "config": str(config.path), "models": list(config.models)},
+        )
 
     def _apply(self, old: Config, new: Config) -> None:
         if (old.server.host, old.server.port) != (new.server.host, new.server.port):

@@ -34,10 +34,8 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         src = Path(_text(event.src_path))
         dest = Path(_text(event.dest_path)) if event.dest_path else None
-        config_dir = self._watcher.config_dir
-        # Editors replace the file and ConfigMaps swap a `..data` link: any change in the folder counts;
-        # the supervisor debounces and ignores reloads that leave the bytes unchanged.
-        if src.parent == config_dir or (dest is not None and dest.parent == config_dir):
+        # Editors replace the file and ConfigMaps swap a `..data` link; other files in the folder are not ours.
+        if any(self._watcher.is_config_path(p) for p in (src, dest)):
             if event.event_type not in ("opened", "closed_no_write"):
                 self._watcher.supervisor.config_touched()
         if event.is_directory:
@@ -71,6 +69,7 @@ class Watcher:
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
         self.config_dir = supervisor.config_path.parent
+        self.config_name = supervisor.config_path.name
         watch = supervisor.config.watch
         self.polling = watch.poll
         self._observer: BaseObserver = PollingObserver(timeout=watch.poll_interval) if watch.poll else Observer()
@@ -78,6 +77,13 @@ class Watcher:
         self._lock = threading.Lock()
         self._watches: dict[Path, ObservedWatch] = {}
         self.folders: frozenset[Path] = frozenset()
+
+    def is_config_path(self, path: Path | None) -> bool:
+        return (
+            path is not None
+            and path.parent == self.config_dir
+            and (path.name == self.config_name or path.name.startswith(".."))
+        )
 
     def start(self) -> None:
         self._schedule(self.config_dir)

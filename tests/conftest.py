@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,12 +214,21 @@ class Daemon:
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(config: Path, *args: str, ready: bool = True, env: dict[str, str] | None = None) -> Daemon:
+    def start(
+        config: Path,
+        *args: str,
+        ready: bool = True,
+        env: dict[str, str] | None = None,
+        options: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+    ) -> Daemon:
+        """`args` go after `serve`, `options` (--log-format) before it; `prefix` wraps the command (strace)."""
         port = free_port()
-        log_path = tmp_path / f"daemon-{len(started)}.log"
+        log_path = tmp_path / "logs" / f"daemon-{len(started)}.log"
+        log_path.parent.mkdir(exist_ok=True)
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
-                reloader_cmd("serve", "--config", str(config), "--port", str(port), *args),
+                [*prefix, *reloader_cmd(*options, "serve", "--config", str(config), "--port", str(port), *args)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=subprocess_env(**(env or {})),
