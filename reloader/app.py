@@ -63,6 +63,10 @@ class Service:
             raise ApiError(503, f"model {name!r} is not ready: {why}", headers={"Retry-After": "5"})
         return name, live
 
+    def unready(self) -> list[str]:
+        """Configured models with no live version (what /readyz and /v2/health/ready report)."""
+        return [name for name in self.supervisor.config.models if self.registry.get(name) is None]
+
     async def read_body(self, request: Request) -> bytes:
         limit = self.supervisor.config.server.max_body_bytes
         declared = request.headers.get("content-length", "")
@@ -144,6 +148,7 @@ def prediction(live: LiveModel, probs: torch.Tensor, top_k: int) -> dict[str, An
 def build_app(service: Service, extra_routes: list[Route] | None = None) -> Starlette:
     async def predict(request: Request) -> Response:
         name, live = service.resolve(request.path_params.get("name"))
+        request.state.model = name  # the metrics middleware labels by model, also on the default route
         top_k = parse_top_k(request, live.config.num_classes)
         data = await service.image_bytes(request)
         probs = await service.probabilities(live, [data])
@@ -166,11 +171,10 @@ def build_app(service: Service, extra_routes: list[Route] | None = None) -> Star
         return JSONResponse({"status": "alive"})
 
     async def readyz(request: Request) -> Response:
-        config = service.supervisor.config
-        missing = [name for name in config.models if service.registry.get(name) is None]
+        missing = service.unready()
         if missing:
             return error_response(503, f"models with no live version: {', '.join(missing)}")
-        return JSONResponse({"status": "ready", "models": list(config.models)})
+        return JSONResponse({"status": "ready", "models": list(service.supervisor.config.models)})
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -17,9 +17,11 @@ from .batching import Batcher, prepare_module
 from .checkpoints import check_environment
 from .config import Config
 from .jobs import Outcome
+from .metrics import Metrics, RequestMetrics
 from .notify import Notifier
 from .registry import Registry
 from .supervisor import Supervisor
+from .v2 import v2_routes
 from .watcher import Watcher
 
 logger = logging.getLogger("reloader.server")
@@ -53,7 +55,11 @@ class _Server(uvicorn.Server):
             logger.warning("second %s: exiting without waiting for requests in flight", signal.Signals(sig).name)
             self.force_exit = True
             return
-        logger.info("%s received: finishing requests in flight, then exiting", signal.Signals(sig).name)
+        logger.info(
+            "%s received: finishing requests in flight, then exiting",
+            signal.Signals(sig).name,
+            extra={"event": "stopping", "signal": signal.Signals(sig).name},
+        )
         self.daemon.notifier.stopping()
         self.should_exit = True
 
@@ -86,14 +92,17 @@ class Daemon:
     ) -> None:
         check_environment()
         self.notifier = notifier or Notifier()
+        self.metrics = Metrics()
         self.registry = Registry()
         self.supervisor = Supervisor(
             config, self.registry, prepare=prepare_module, on_outcome=self._on_outcome, on_config=self._on_config
         )
         self.watcher = Watcher(self.supervisor)
-        self.batcher = Batcher()
+        self.batcher = Batcher(on_batch=self.metrics.batch_done)
+        self.metrics.observe(self.supervisor, self.batcher, self.dead_parts, self.watcher.is_alive)
         self.service = Service(self.supervisor, self.batcher, self.dead_parts)
-        self.app = build_app(self.service)
+        self.app = build_app(self.service, [*v2_routes(self.service), self.metrics.route()])
+        self.app.add_middleware(RequestMetrics, metrics=self.metrics, models=lambda: self.supervisor.config.models)
         server = config.server
         self.server = _Server(
             uvicorn.Config(
@@ -127,28 +136,34 @@ class Daemon:
         threading.Thread(target=self._reload, name="sighup-reload", daemon=True).start()
 
     def _reload(self) -> None:
-        logger.info("SIGHUP: re-reading the config and rescanning checkpoints")
+        logger.info("SIGHUP: re-reading the config and rescanning checkpoints", extra={"event": "reload"})
         self.notifier.reloading()
         self.supervisor.reload()
         self.supervisor.wait_idle(timeout=300)
         self.notifier.ready(self.summary())
 
     def _on_outcome(self, outcome: Outcome) -> None:
+        self.metrics.outcome(outcome)
         if outcome.kind in ("swapped", "rejected"):
             file = outcome.path.rsplit("/", 1)[-1] if outcome.path else "?"
             what = "live" if outcome.kind == "swapped" else f"rejected ({outcome.reason})"
             self.notifier.status(f"{outcome.model}: {file} {what}; {self.summary()}")
 
     def _on_config(self, config: Config | None, error: str | None) -> None:
+        self.metrics.config_loaded(config, error)
         if error is not None:
             self.notifier.status(f"config rejected: {error}")
 
     def run(self) -> int:
         """Load every model, then serve until SIGTERM/SIGINT. Returns the exit code."""
-        logger.info("reloader starting with %s", self.supervisor.config_path)
+        logger.info(
+            "reloader starting with %s",
+            self.supervisor.config_path,
+            extra={"event": "start", "config": str(self.supervisor.config_path)},
+        )
         self.supervisor.start()
         self.supervisor.wait_idle()
-        logger.info("initial load done: %s", self.summary())
+        logger.info("initial load done: %s", self.summary(), extra={"event": "loaded"})
         self.watcher.start()
         try:
             self.server.run()
@@ -157,5 +172,6 @@ class Daemon:
             self.supervisor.stop()
             self.batcher.close()
             self.notifier.close()
-        logger.info("reloader stopped")
-        return 1 if self.server.force_exit else 0
+        code = 1 if self.server.force_exit else 0
+        logger.info("reloader stopped (exit %d)", code, extra={"event": "stop", "exit_code": code})
+        return code

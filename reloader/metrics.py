@@ -1,0 +1,196 @@
+"""Prometheus metrics at /metrics: counters fed by the daemon's hooks, state read from the daemon at scrape time.
+
+Each daemon has its own CollectorRegistry, so several daemons (or tests) in one process never share series.
+Labels are model names from the config and route templates, never raw paths, so cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .batching import Batcher
+from .config import Config
+from .jobs import Outcome
+from .supervisor import Supervisor
+from .validation import ValidationReport
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Loading and validating spans milliseconds (a tiny net) to minutes (a large one compiled at warm-up).
+RELOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """The metric objects and the hooks that move them; `observe` adds what is read at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "reloader_http_requests",
+            "HTTP requests answered, by model, route and status",
+            ["model", "route", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "reloader_http_request_duration_seconds", "Time to answer an HTTP request", ["model", "route"], registry=r
+        )
+        self.batch_size = Histogram(
+            "reloader_batch_size", "Images per forward pass", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.forward = Histogram("reloader_forward_duration_seconds", "Time of one forward pass", ["model"], registry=r)
+        self.swaps = Counter("reloader_swaps", "Checkpoints put in service", ["model"], registry=r)
+        self.rejections = Counter(
+            "reloader_rejections", "Checkpoints refused, by the check that failed", ["model", "check"], registry=r
+        )
+        self.reload_errors = Counter("reloader_reload_errors", "Reload passes that failed", ["model"], registry=r)
+        self.reload_duration = Histogram(
+            "reloader_reload_duration_seconds",
+            "Time to load and validate one checkpoint, by result (swapped, rejected, incomplete)",
+            ["model", "result"],
+            buckets=RELOAD_BUCKETS,
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "reloader_config_reloads", "Config file reloads, by result (applied, rejected)", ["result"], registry=r
+        )
+
+    # -- hooks, called from the event loop (requests, batches) and the reload threads (outcomes) --------
+
+    def request_done(self, model: str, route: str, code: int, seconds: float) -> None:
+        self.requests.labels(model, route, str(code)).inc()
+        self.latency.labels(model, route).observe(seconds)
+
+    def batch_done(self, model: str, size: int, seconds: float) -> None:
+        self.batch_size.labels(model).observe(size)
+        self.forward.labels(model).observe(seconds)
+
+    def outcome(self, outcome: Outcome) -> None:
+        if outcome.kind == "swapped":
+            self.swaps.labels(outcome.model).inc()
+        elif outcome.kind == "rejected":
+            self.rejections.labels(outcome.model, failed_check(outcome.report)).inc()
+        elif outcome.kind == "error":
+            self.reload_errors.labels(outcome.model).inc()
+        if outcome.report is not None:
+            self.reload_duration.labels(outcome.model, outcome.kind).observe(outcome.report.total_ms / 1000.0)
+
+    def config_loaded(self, config: Config | None, error: str | None) -> None:
+        self.config_reloads.labels("applied" if error is None else "rejected").inc()
+
+    # -- wiring -----------------------------------------------------------------------------------------
+
+    def observe(
+        self,
+        supervisor: Supervisor,
+        batcher: Batcher,
+        dead_parts: Callable[[], list[str]],
+        watcher_alive: Callable[[], bool],
+    ) -> None:
+        """Also report, at each scrape: live versions, queue depths, liveness and the config's age."""
+        self.registry.register(_State(supervisor, batcher, dead_parts, watcher_alive))
+
+    def route(self) -> Route:
+        async def metrics(request: Request) -> Response:
+            # On the event loop on purpose: the batcher's queues are only ever touched from the loop thread.
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return Route("/metrics", metrics)
+
+
+def failed_check(report: ValidationReport | None) -> str:
+    """The rejection's category: the gate check that failed (load/structure/finite/warmup)."""
+    failed = next((c.name for c in report.checks if not c.passed), None) if report else None
+    # Every check passed but the file's digest moved while it was read: it was replaced mid-validation.
+    return failed or "changed"
+
+
+class _State(Collector):
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        batcher: Batcher,
+        dead_parts: Callable[[], list[str]],
+        watcher_alive: Callable[[], bool],
+    ) -> None:
+        self.supervisor = supervisor
+        self.batcher = batcher
+        self.dead_parts = dead_parts
+        self.watcher_alive = watcher_alive
+
+    def collect(self) -> Iterable[Metric]:
+        supervisor = self.supervisor
+        names = list(supervisor.config.models)
+        live = supervisor.registry.snapshot()
+        info = InfoMetricFamily("reloader_live_model", "The checkpoint in service, per model", labels=["model"])
+        version = GaugeMetricFamily("reloader_live_version", "Version number in service", labels=["model"])
+        for name, record in live.items():
+            info.add_metric([name], {"version": str(record.version), "sha256": record.sha256})
+            version.add_metric([name], record.version)
+        ready = GaugeMetricFamily("reloader_model_ready", "1 when the model has a live version", labels=["model"])
+        depth = GaugeMetricFamily("reloader_queue_depth", "Requests waiting for a forward pass", labels=["model"])
+        for name in names:
+            ready.add_metric([name], float(name in live))
+            depth.add_metric([name], self.batcher.queue_depth(name))
+        yield from (info, version, ready, depth)
+        yield GaugeMetricFamily(
+            "reloader_up",
+            "1 while the file watcher and reload workers run (as /healthz)",
+            value=0 if self.dead_parts() else 1,
+        )
+        yield GaugeMetricFamily(
+            "reloader_watcher_alive", "1 while the file watcher runs", value=int(self.watcher_alive())
+        )
+        age = time.time() - supervisor.config_loaded_at
+        yield GaugeMetricFamily("reloader_config_age_seconds", "Seconds since the config last loaded", value=age)
+        yield GaugeMetricFamily(
+            "reloader_config_error",
+            "1 while the file on disk is rejected and the last good config runs",
+            value=int(supervisor.config_error is not None),
+        )
+
+
+class RequestMetrics:
+    """ASGI middleware: counts and times every request, labelled after routing has run.
+
+    The router stores the matched route in the scope; handlers that resolve a model store its name in
+    `request.state.model` (that also covers /predict, which names no model in its path).
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, models: Callable[[], Iterable[str]]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.models = models
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app raises before answering
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.request_done(self._model(scope), route, status, time.perf_counter() - started)
+
+    def _model(self, scope: Scope) -> str:
+        state: dict[str, Any] = scope.get("state") or {}
+        name = state.get("model") or scope.get("path_params", {}).get("name")
+        # A name from the path is a client's string: only configured names become label values.
+        return name if isinstance(name, str) and name in self.models() else ""
