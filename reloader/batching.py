@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compute import FORWARD_LOCK
 from .config import ModelConfig
 from .registry import LiveModel
 
@@ -35,7 +36,7 @@ class _Item:
 
 def forward(live: LiveModel, batch: torch.Tensor) -> torch.Tensor:
     """Probabilities for a batch of preprocessed images, on the model's own record."""
-    with torch.inference_mode():
+    with FORWARD_LOCK, torch.inference_mode():
         logits = live.module(batch.contiguous(memory_format=torch.channels_last))
         return logits.float().softmax(dim=1)
 

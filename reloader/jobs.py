@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .checkpoints import Candidate, scan, sha256_file, stat_candidate
+from .compute import lower_thread_priority
 from .config import ModelConfig, WatchConfig
 from .errors import ConfigError
 from .memory import release
@@ -183,6 +184,7 @@ class ModelWorker:
     # -- the worker thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        lower_thread_priority()
         while not self._stop.is_set():
             self._wake.wait(self._until_next_due())
             if self._stop.is_set():

@@ -12,6 +12,7 @@ import torch
 
 from .architectures import build_model
 from .checkpoints import load_checkpoint, parse_version
+from .compute import FORWARD_LOCK
 from .config import ModelConfig
 from .errors import CheckpointIncomplete, CheckpointRejected, ConfigError, InvalidImage
 from .images import Preprocessor
@@ -164,7 +165,7 @@ class Gate:
         module = state["module"]
         expected_shape = (1, self.config.num_classes)
         for image in self.warmup:
-            with torch.inference_mode():
+            with FORWARD_LOCK, torch.inference_mode():
                 out = module(image.tensor.unsqueeze(0))
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected_shape:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -1,0 +1,27 @@
+"""How serving and reloading share the CPU: one forward pass at a time, reload work at a lower priority.
+
+torch already spreads one forward pass over every core; two passes at once only fight over them. So
+serving batches and warm-up passes take turns under one lock, and a warm-up waits at most one batch.
+The rest of a reload (reading, hashing, deserializing) runs on threads the kernel schedules after
+the serving threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+logger = logging.getLogger("reloader.compute")
+
+FORWARD_LOCK = threading.Lock()
+RELOAD_NICENESS = 10
+
+
+def lower_thread_priority(niceness: int = RELOAD_NICENESS) -> None:
+    """Lower the calling thread's priority (Linux schedules threads one by one; elsewhere a no-op)."""
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(current, niceness))
+    except (AttributeError, OSError) as exc:  # no per-thread nice here, or not permitted
+        logger.debug("cannot lower reload thread priority: %s", exc)
