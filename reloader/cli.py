@@ -74,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _serve(args) if args.command == "serve" else _validate(args)
     except (ConfigError, UnsafeEnvironment) as exc:
-        print(f"reloader: error: {exc}", file=sys.stderr)
+        if args.log_format == "json":
+            # A log shipper reading --log-format json expects every line, this one too, to be JSON.
+            event = "config_rejected" if isinstance(exc, ConfigError) else "unsafe_environment"
+            logger.error("%s", exc, extra={"event": event, "error": str(exc)})
+        else:
+            print(f"reloader: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -23,17 +23,13 @@ from .config import ModelConfig, WatchConfig
 from .errors import ConfigError
 from .memory import release
 from .registry import LiveModel, Registry
+from .settle import Settling
 from .validation import Gate, ValidationReport
 
 logger = logging.getLogger("reloader.jobs")
 
 Clock = Callable[[], float]
 Prepare = Callable[[torch.nn.Module, ModelConfig], torch.nn.Module]
-# A file that got write events but no close (e.g. a hard link, or mmap writes) is loaded once quiet this long.
-QUIET_WITHOUT_CLOSE_S = 2.0
-# watchdog reports a rename from another watched folder as "created" with no write events after it; a file
-# created by open() is written within this window, which then makes it wait for its close instead.
-CREATED_GRACE_S = 0.025
 MAX_EVENTS = 50
 
 
@@ -72,11 +68,9 @@ class ModelWorker:
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._config = config
-        self._watch = watch
         self._gate: Gate | None = None
         self._gate_config: ModelConfig | None = None
-        self._pending: dict[Path, float] = {}  # path -> when it is settled enough to load
-        self._writing: set[Path] = set()  # written to, no close seen yet (inotify only)
+        self._settling = Settling(watch)
         self._seen_at: dict[Path, float] = {}  # path -> when the watcher first reported it, for timings
         self._hashes: dict[Path, tuple[tuple[int, int, int], str]] = {}
         self._rejected: dict[str, str] = {}  # sha256 -> reason, for the current definition
@@ -108,7 +102,8 @@ class ModelWorker:
 
     def set_config(self, config: ModelConfig, watch: WatchConfig) -> None:
         with self._lock:
-            self._config, self._watch = config, watch
+            self._config = config
+            self._settling.watch = watch
         self.rescan()
 
     def file_event(self, path: Path, kind: str) -> None:
@@ -117,23 +112,8 @@ class ModelWorker:
         with self._lock:
             first = kind != "deleted" and path not in self._seen_at
             self._seen_at.setdefault(path, now)
-            if kind in ("moved", "closed"):
-                self._writing.discard(path)
-                self._pending[path] = now
-            elif kind == "created":
-                if path not in self._writing:
-                    self._pending[path] = now + (
-                        self._watch.settle_ms / 1000.0 if self._watch.poll else CREATED_GRACE_S
-                    )
-            elif kind == "written":
-                if self._watch.poll:
-                    self._pending[path] = now + self._watch.settle_ms / 1000.0
-                else:
-                    self._writing.add(path)
-                    self._pending[path] = now + max(QUIET_WITHOUT_CLOSE_S, self._watch.settle_ms / 1000.0)
-            else:
-                self._writing.discard(path)
-                self._pending.pop(path, None)
+            immediate = self._settling.event(path, kind, now)
+            if kind == "deleted":
                 self._seen_at.pop(path, None)
         if first:
             # One line per file arriving, not per event: a plain `cp` sends dozens of write events.
@@ -146,7 +126,7 @@ class ModelWorker:
             )
         with self._lock:
             # A file still settling only moves the next deadline; a pass now would find it unfinished.
-            self._dirty = self._dirty or kind in ("moved", "closed", "deleted")
+            self._dirty = self._dirty or immediate
             self._idle.clear()
             self._wake.set()
 
@@ -178,6 +158,7 @@ class ModelWorker:
             "version_policy": config.version,
             "files": files,
             "passes": self.passes,
+            "reloading": not self._idle.is_set(),
             "events": events[::-1],
         }
 
@@ -192,37 +173,31 @@ class ModelWorker:
             with self._lock:
                 self._wake.clear()
                 now = self._clock()
-                due = self._dirty or any(t <= now for t in self._pending.values())
+                due = self._dirty or self._settling.due_now(now)
                 self._dirty = False
             if not due:
                 continue
+            self.passes += 1  # counted as it starts, so a swap seen from outside is already counted
             try:
                 self._reconcile()
-                self.passes += 1
             except Exception as exc:  # a failing pass is recorded; it must never kill the worker
-                self.passes += 1
-                logger.exception("model %s: reload pass failed", self.name)
+                logger.exception("model %s: reload pass failed: %s: %s", self.name, type(exc).__name__, exc)
                 self._record("error", None, "error", f"{type(exc).__name__}: {exc}")
                 with self._lock:
                     self._error = f"reload pass failed: {type(exc).__name__}: {exc}"
             with self._lock:
-                if not self._dirty and not self._pending:
+                if not self._dirty and not self._settling.waiting():
                     self._idle.set()
 
     def _until_next_due(self) -> float | None:
         with self._lock:
-            if not self._pending:
-                return None
-            return max(0.0, min(self._pending.values()) - self._clock())
+            due = self._settling.next_due()
+        return None if due is None else max(0.0, due - self._clock())
 
     def unsettled(self, now: float) -> set[Path]:
         """Files still being written: events too recent, or written without a close yet."""
         with self._lock:
-            for path, due in list(self._pending.items()):
-                if due <= now:
-                    del self._pending[path]
-                    self._writing.discard(path)
-            return {p for p, due in self._pending.items() if due > now} | self._writing
+            return self._settling.unsettled(now)
 
     def _sha256(self, candidate: Candidate) -> str:
         cached = self._hashes.get(candidate.path)
@@ -347,7 +322,7 @@ class ModelWorker:
 
     def _retry_later(self, path: Path) -> None:
         with self._lock:
-            self._pending[path] = self._clock() + max(self._watch.settle_ms / 1000.0, 0.05)
+            self._settling.retry(path, self._clock())
 
     def _swap(self, new: LiveModel, report: ValidationReport) -> None:
         checks = {c.name: c.ms for c in report.checks}

@@ -7,7 +7,16 @@ import logging
 import sys
 from datetime import datetime, timezone
 
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# uvicorn attaches an ANSI-coloured copy of some messages; JSON consumers want the plain one only.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
+
+
+class _ShutdownRace(logging.Filter):
+    """watchdog 7 logs an ERROR when stop() closes the inotify fd while its thread is still in read():
+    a harmless race on stop or unschedule, which would read as a fault of ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,3 +50,8 @@ def setup_logging(fmt: str = "text", level: str = "INFO", access_log: bool = Tru
     logging.getLogger("uvicorn.access").disabled = not access_log
     # watchdog logs every inotify event at DEBUG; keep it out of the daemon's INFO stream.
     logging.getLogger("watchdog").setLevel(max(logging.INFO, root.level))
+    inotify = logging.getLogger("watchdog.observers.inotify")
+    if not any(isinstance(f, _ShutdownRace) for f in inotify.filters):
+        inotify.addFilter(_ShutdownRace())
+    # Python warnings (torch's among them) would otherwise be bare stderr text between JSON lines.
+    logging.captureWarnings(True)

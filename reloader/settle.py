@@ -1,0 +1,78 @@
+"""When is a file finished? Watcher events plus a clock decide; nothing here reads the file.
+
+- A rename into the folder (`mv`, `os.replace`, rsync's final step) is finished at once.
+- A file written in place is finished at its close-after-write (inotify), or, when polling (no close
+  events), once it has been unchanged for `settle_ms`.
+- A file written to but never closed (a hard link, mmap writes) is taken as finished after
+  QUIET_WITHOUT_CLOSE_S without events.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import WatchConfig
+
+QUIET_WITHOUT_CLOSE_S = 2.0
+# watchdog reports a rename from another watched folder as "created" with no write events after it; a file
+# created by open() is written within this window, which then makes it wait for its close instead.
+CREATED_GRACE_S = 0.025
+# A file that failed while it was still changing is looked at again after this long at least.
+MIN_RETRY_S = 0.05
+
+IMMEDIATE = ("moved", "closed", "deleted")
+
+
+class Settling:
+    """Per-file deadlines. Not thread-safe: its owner (a ModelWorker) calls it under its own lock."""
+
+    def __init__(self, watch: WatchConfig) -> None:
+        self.watch = watch
+        self._due: dict[Path, float] = {}  # path -> when it is settled enough to load
+        self._writing: set[Path] = set()  # written to, no close seen yet (inotify only)
+
+    @property
+    def settle_s(self) -> float:
+        return self.watch.settle_ms / 1000.0
+
+    def event(self, path: Path, kind: str, now: float) -> bool:
+        """Record a watcher event; True when it calls for a pass right away."""
+        if kind in ("moved", "closed"):
+            self._writing.discard(path)
+            self._due[path] = now
+        elif kind == "created":
+            if path not in self._writing:
+                self._due[path] = now + (self.settle_s if self.watch.poll else CREATED_GRACE_S)
+        elif kind == "written":
+            if self.watch.poll:
+                self._due[path] = now + self.settle_s
+            else:
+                self._writing.add(path)
+                self._due[path] = now + max(QUIET_WITHOUT_CLOSE_S, self.settle_s)
+        elif kind == "deleted":
+            self._writing.discard(path)
+            self._due.pop(path, None)
+        else:
+            raise ValueError(f"unknown file event kind {kind!r}")
+        return kind in IMMEDIATE
+
+    def retry(self, path: Path, now: float) -> None:
+        """Look at a file again later: it failed while still changing."""
+        self._due[path] = now + max(self.settle_s, MIN_RETRY_S)
+
+    def due_now(self, now: float) -> bool:
+        return any(t <= now for t in self._due.values())
+
+    def next_due(self) -> float | None:
+        return min(self._due.values(), default=None)
+
+    def waiting(self) -> bool:
+        return bool(self._due)
+
+    def unsettled(self, now: float) -> set[Path]:
+        """Files still being written; files whose deadline passed are forgotten (they are settled)."""
+        for path, due in list(self._due.items()):
+            if due <= now:
+                del self._due[path]
+                self._writing.discard(path)
+        return set(self._due) | self._writing
