@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compute import FORWARD_LOCK
+from .compute import run_forward
 from .config import ModelConfig
 from .registry import LiveModel
 
@@ -36,9 +36,7 @@ class _Item:
 
 def forward(live: LiveModel, batch: torch.Tensor) -> torch.Tensor:
     """Probabilities for a batch of preprocessed images, on the model's own record."""
-    with FORWARD_LOCK, torch.inference_mode():
-        logits = live.module(batch.contiguous(memory_format=torch.channels_last))
-        return logits.float().softmax(dim=1)
+    return run_forward(live.module, batch).float().softmax(dim=1)
 
 
 class Batcher:
@@ -146,6 +144,9 @@ def prepare_module(module: torch.nn.Module, config: ModelConfig) -> torch.nn.Mod
     """Make a validated module fast to serve; runs in the gate, so the warm-up exercises the result."""
     module = module.to(memory_format=torch.channels_last)
     if config.optimize == "compile":
-        # Compilation happens during the warm-up forward, while the previous version keeps serving.
+        # Compiling happens here, on the reload thread, while the previous version keeps serving. Batch 1
+        # is specialised, so a batch of 2 compiles the dynamic-batch graph that later batches reuse.
         module = torch.compile(module, dynamic=True)
+        side = config.preprocess.crop
+        run_forward(module, torch.zeros(2, 3, side, side))
     return module

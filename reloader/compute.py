@@ -12,6 +12,8 @@ import logging
 import os
 import threading
 
+import torch
+
 logger = logging.getLogger("reloader.compute")
 
 FORWARD_LOCK = threading.Lock()
@@ -25,3 +27,9 @@ def lower_thread_priority(niceness: int = RELOAD_NICENESS) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(current, niceness))
     except (AttributeError, OSError) as exc:  # no per-thread nice here, or not permitted
         logger.debug("cannot lower reload thread priority: %s", exc)
+
+
+def run_forward(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """One forward pass, in turn with every other, in the layout serving uses (so compiled graphs match)."""
+    with FORWARD_LOCK, torch.inference_mode():
+        return module(batch.contiguous(memory_format=torch.channels_last))

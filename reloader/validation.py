@@ -12,7 +12,7 @@ import torch
 
 from .architectures import build_model
 from .checkpoints import load_checkpoint, parse_version
-from .compute import FORWARD_LOCK
+from .compute import run_forward
 from .config import ModelConfig
 from .errors import CheckpointIncomplete, CheckpointRejected, ConfigError, InvalidImage
 from .images import Preprocessor
@@ -165,8 +165,7 @@ class Gate:
         module = state["module"]
         expected_shape = (1, self.config.num_classes)
         for image in self.warmup:
-            with FORWARD_LOCK, torch.inference_mode():
-                out = module(image.tensor.unsqueeze(0))
+            out = run_forward(module, image.tensor.unsqueeze(0))
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected_shape:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise CheckpointRejected("warmup", f"{image.source}: output {shape}, expected {expected_shape}")

@@ -269,7 +269,8 @@ def wait_until_quiet(before: set[threading.Thread], timeout: float = 5.0) -> lis
         leaked = [
             t.name
             for t in threading.enumerate()
-            if t not in before and t.is_alive() and not t.name.startswith(("asyncio_", "AnyIO worker"))
+            # Process-wide pools that libraries start once and keep: not ours to stop.
+            if t not in before and t.is_alive() and not t.name.startswith(("asyncio_", "AnyIO worker", "tqdm_monitor"))
         ]
         if not leaked or time.monotonic() > deadline:
             return leaked

@@ -1,0 +1,31 @@
+"""`optimize: compile` is opt-in: the gate compiles and warms the module, which then answers like eager."""
+
+from __future__ import annotations
+
+import torch
+from conftest import Project, colours_yaml
+
+from reloader.batching import forward, prepare_module
+from reloader.config import load_config
+from reloader.validation import Gate
+
+
+def test_a_compiled_model_passes_the_gate_and_answers_like_the_eager_one(project: Project):
+    checkpoint = project.save("colours-v1.pt")
+    project.write_config(
+        colours_yaml().replace("    version: latest\n", "    version: latest\n    optimize: compile\n")
+    )
+    compiled_config = load_config(project.config).models["colours"]
+    eager_config = compiled_config.model_copy(update={"optimize": "none"})
+
+    compiled, report = Gate("colours", compiled_config, prepare_module).run(checkpoint)
+    eager, _ = Gate("colours", eager_config, prepare_module).run(checkpoint)
+
+    assert report.passed, report.reason
+    assert compiled is not None and eager is not None
+    assert compiled.module is not eager.module
+    assert hasattr(compiled.module, "_orig_mod")  # what torch.compile wraps a module in
+    torch.manual_seed(0)
+    for size in (1, 3, 8):
+        batch = torch.randn(size, 3, 32, 32)
+        torch.testing.assert_close(forward(compiled, batch), forward(eager, batch), rtol=1e-4, atol=1e-5)
