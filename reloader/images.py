@@ -7,7 +7,6 @@ import io
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as F
 
 from .config import Preprocess
 from .errors import InvalidImage
@@ -68,9 +67,20 @@ class Preprocessor:
         self._std = torch.tensor(spec.std).view(3, 1, 1)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = F.resize(img, [self.spec.resize], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-        img = F.center_crop(img, [self.spec.crop, self.spec.crop])
-        tensor = F.pil_to_tensor(img).to(torch.float32).div_(255.0)
+        # Pillow does what torchvision's Resize/CenterCrop do on PIL images, to the pixel, without the
+        # seconds torchvision's import costs every start (tests/test_images.py compares the two).
+        width, height = img.size
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.spec.resize, int(self.spec.resize * long / short)
+        size = (new_short, new_long) if width <= height else (new_long, new_short)
+        if size != img.size:
+            img = img.resize(size, resample=Image.Resampling.BILINEAR)
+        crop = self.spec.crop
+        left = int(round((img.width - crop) / 2.0))
+        top = int(round((img.height - crop) / 2.0))
+        img = img.crop((left, top, left + crop, top + crop))
+        tensor = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        tensor = tensor.to(torch.float32).div_(255.0)
         return tensor.sub_(self._mean).div_(self._std)
 
     def synthetic(self) -> torch.Tensor:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from reloader.config import Preprocess
@@ -78,3 +80,23 @@ def test_preprocessing_resizes_crops_and_normalises():
     expected = [(1 - m) / s for m, s in zip(pre.spec.mean, pre.spec.std, strict=True)]
     assert tensor[:, 0, 0].tolist() == pytest.approx(expected, rel=1e-5)
     assert tuple(pre.synthetic().shape) == (3, 32, 32)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 300), (257, 101)])
+def test_preprocessing_matches_torchvision_to_the_pixel(size):
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    spec = Preprocess(resize=72, crop=64)
+    reference = v2.Compose(
+        [
+            v2.Resize(72, antialias=True),
+            v2.CenterCrop(64),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(spec.mean), std=list(spec.std)),
+        ]
+    )
+
+    torch.testing.assert_close(Preprocessor(spec)(img), reference(img), rtol=0, atol=1e-6)
