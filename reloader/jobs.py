@@ -309,7 +309,10 @@ class ModelWorker:
             }
             for c in candidates
         ]
+        # Forget files that are gone, so a daemon that sees thousands of checkpoints stays the same size.
         self._hashes = {p: h for p, h in self._hashes.items() if p in by_path}
+        present = {digest for _, digest in self._hashes.values()}
+        self._rejected = {d: r for d, r in self._rejected.items() if d in present}
         self._set_status(files, error, live_file)
 
     def _set_status(self, files: list[dict[str, Any]], error: str | None, live_file: str) -> None:
