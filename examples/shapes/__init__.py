@@ -1,0 +1,1 @@
+"""Synthetic-shapes demo: a dataset and a trainer whose checkpoints the daemon serves offline."""
