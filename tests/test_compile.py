@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import Project, colours_yaml
 
@@ -10,6 +11,7 @@ from reloader.config import load_config
 from reloader.validation import Gate
 
 
+@pytest.mark.torch_compile
 def test_a_compiled_model_passes_the_gate_and_answers_like_the_eager_one(project: Project):
     checkpoint = project.save("colours-v1.pt")
     project.write_config(
