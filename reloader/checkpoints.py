@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import re
@@ -11,6 +10,7 @@ import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -80,10 +80,14 @@ def scan(folder: Path) -> list[Candidate]:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+        return hash_open_file(fh)
+
+
+def hash_open_file(fh: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -118,18 +122,18 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {strip(k): v for k, v in state_dict.items()}
 
 
-def _deserialize(data: bytes, suffix: str) -> object:
+def _deserialize(fh: BinaryIO, suffix: str) -> object:
     if suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load as load_safetensors
 
         try:
-            return load_safetensors(data)
+            return load_safetensors(fh.read())
         except (SafetensorError, ValueError) as exc:
             raise CheckpointRejected("load", f"not a valid safetensors file: {exc}") from exc
     try:
         # weights_only refuses any pickle that would build objects other than tensors and containers.
-        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        return torch.load(fh, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         raise CheckpointRejected(
             "load", f"pickle refused by the weights_only loader: {_unpickling_detail(exc)}"
@@ -164,27 +168,38 @@ def _unpickling_detail(exc: Exception) -> str:
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
-    """Read the file once, hash exactly those bytes and deserialize them safely."""
+    """Hash and deserialize one open file; if it did not change meanwhile, the hash is of what loaded.
+
+    Streaming through one file descriptor, rather than reading the file into memory first, keeps the
+    peak during a swap near one copy of the model: the tensors, not the tensors plus the file's bytes.
+    """
     check_environment()
     try:
-        before = path.stat()
-        data = path.read_bytes()
-        after = path.stat()
+        fh = open(path, "rb")
     except OSError as exc:
         raise CheckpointRejected("load", f"cannot read file: {exc.strerror}") from exc
-    changing = (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
-    if changing or len(data) != after.st_size:
+    with fh:
+        try:
+            before = os.fstat(fh.fileno())
+            sha256 = hash_open_file(fh)
+            fh.seek(0)
+            try:
+                obj = _deserialize(fh, path.suffix)
+            except CheckpointRejected as exc:
+                if _changed(before, os.fstat(fh.fileno())) or _still_changing(path, before):
+                    raise CheckpointIncomplete("load", f"file is still being written ({exc.reason})") from exc
+                raise
+            after = os.fstat(fh.fileno())
+        except OSError as exc:
+            raise CheckpointRejected("load", f"cannot read file: {exc.strerror}") from exc
+    if _changed(before, after):
         raise CheckpointIncomplete("load", "file changed while it was read; it is still being written")
-    sha256 = hashlib.sha256(data).hexdigest()
-    try:
-        obj = _deserialize(data, path.suffix)
-    except CheckpointRejected as exc:
-        if _still_changing(path, after):
-            raise CheckpointIncomplete("load", f"file is still being written ({exc.reason})") from exc
-        raise
-    del data
     state_dict = _strip_prefixes(_unwrap(obj))
     return LoadedCheckpoint(state_dict, sha256, after.st_size, after.st_mtime_ns)
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
 
 
 def _still_changing(path: Path, seen: os.stat_result) -> bool:

@@ -246,27 +246,38 @@ class ModelWorker:
             if cand.path in unsettled:
                 status[cand.path] = ("incomplete", "still being written")
                 continue
+            # A path never seen before goes straight to the gate, which hashes it as it loads: hashing it
+            # here too would read the file twice on the way to going live. A path seen before is re-hashed
+            # when its stat changed, so a rejected file touched but unchanged is not validated again.
             try:
-                digest = self._sha256(cand)
+                digest = self._sha256(cand) if cand.path in self._hashes else None
             except OSError:
                 continue  # deleted or renamed since the scan; its own event brings another pass
-            if live is not None and current and digest == live.sha256 and cand.path == live.path:
-                break
-            if digest in self._rejected:
-                status[cand.path] = ("rejected", self._rejected[digest])
-                continue
+            if digest is not None:
+                if live is not None and current and digest == live.sha256 and cand.path == live.path:
+                    break
+                if digest in self._rejected:
+                    status[cand.path] = ("rejected", self._rejected[digest])
+                    continue
             new, report = gate.run(cand.path)
+            unchanged = stat_candidate(cand.path) == cand
+            if report.sha256 is not None and unchanged:
+                self._hashes[cand.path] = (cand.signature, report.sha256)
             if report.incomplete or (not report.passed and self._still_written(cand)):
                 status[cand.path] = ("incomplete", report.reason)
                 self._retry_later(cand.path)
                 self._record("incomplete", report, "incomplete", report.reason)
                 continue
-            if new is None or report.sha256 != digest:
+            if new is None or not unchanged or (digest is not None and report.sha256 != digest):
                 reason = report.reason or "file changed during validation"
-                # A file torch cannot load has no sha256 in its report; unchanged since the scan, the
-                # digest taken then is its own, and caching it stops every later pass re-reading it.
-                if report.sha256 == digest or (report.sha256 is None and stat_candidate(cand.path) == cand):
-                    self._rejected[digest] = reason
+                if new is None and unchanged:
+                    # Cached by content, so no later pass re-reads it (a file torch cannot load has no
+                    # sha256 in its report: hash it now, once).
+                    try:
+                        digest = report.sha256 or digest or self._sha256(cand)
+                        self._rejected[digest] = reason
+                    except OSError:
+                        pass
                 status[cand.path] = ("rejected", reason)
                 with self._lock:
                     self._seen_at.pop(cand.path, None)  # a rewrite of this path is a new arrival

@@ -184,6 +184,9 @@ class Daemon:
     def wait_live(self, path_or_sha: Path | str, model: str = "colours") -> dict[str, Any]:
         sha = sha256(path_or_sha) if isinstance(path_or_sha, Path) else path_or_sha
         wait_until(lambda: self.live_sha(model) == sha, what=f"{model} to serve {str(path_or_sha)[-40:]}")
+        if isinstance(path_or_sha, Path):
+            # The swap happens mid-pass; the file list is published when the pass ends.
+            self.wait_file(path_or_sha, "live", model)
         return self.status(model)
 
     def file_status(self, path: Path, model: str = "colours") -> dict[str, Any] | None:

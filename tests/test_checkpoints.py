@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from tinynet import colour_state_dict
 
+from reloader import checkpoints
 from reloader.checkpoints import check_environment, is_checkpoint_name, load_checkpoint, parse_version, scan
 from reloader.errors import CheckpointIncomplete, CheckpointRejected, UnsafeEnvironment
 
@@ -91,17 +92,26 @@ def test_a_pickled_model_object_is_not_a_state_dict(tmp_path: Path):
 def test_a_file_that_changes_while_it_is_read_is_incomplete(tmp_path: Path, monkeypatch):
     path = tmp_path / "c.pt"
     torch.save(colour_state_dict(), path)
-    real_read = Path.read_bytes
+    real_hash = checkpoints.hash_open_file
 
-    def read_then_append(self: Path) -> bytes:
-        data = real_read(self)
-        with open(self, "ab") as fh:  # a writer appends right after our read
-            fh.write(b"more")
-        return data
+    def hash_then_append(fh):
+        digest = real_hash(fh)
+        with open(path, "ab") as writer:  # a writer appends right after our read
+            writer.write(b"more")
+        return digest
 
-    monkeypatch.setattr(Path, "read_bytes", read_then_append)
+    monkeypatch.setattr(checkpoints, "hash_open_file", hash_then_append)
     with pytest.raises(CheckpointIncomplete):
         load_checkpoint(path)
+
+
+def test_the_sha256_is_of_the_bytes_that_were_loaded(tmp_path: Path):
+    import hashlib
+
+    path = tmp_path / "c.pt"
+    torch.save(colour_state_dict(), path)
+
+    assert load_checkpoint(path).sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_loading_refuses_to_run_when_weights_only_is_forced_off(monkeypatch):
