@@ -100,6 +100,10 @@ class Service:
     async def probabilities(self, live: LiveModel, images: list[bytes]) -> torch.Tensor:
         """Decode, preprocess and run images on one live record; [len(images), num_classes]."""
         batcher = self.batcher
+        try:
+            batcher.admit(live, len(images))
+        except Overloaded as exc:
+            raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from exc
         batcher.decoding(live.name, len(images))
         try:
             decode = live.preprocessor.load

@@ -53,6 +53,13 @@ class Batcher:
     def queue_depth(self, name: str) -> int:
         return len(self._queues.get(name, ()))
 
+    def admit(self, live: LiveModel, count: int) -> None:
+        """Refuse work before it is decoded when the queue would be full by the time it is: decoding
+        requests that are then turned away only slows the ones already admitted."""
+        waiting = self.queue_depth(live.name) + self._decoding.get(live.name, 0)
+        if waiting + count > live.config.batch.queue_size:
+            raise Overloaded(f"model {live.name!r} has {waiting} requests queued or decoding, its limit")
+
     def decoding(self, name: str, delta: int) -> None:
         """Count requests being decoded, so a forming batch knows whether more are coming."""
         self._decoding[name] = self._decoding.get(name, 0) + delta

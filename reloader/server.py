@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -163,6 +164,9 @@ class Daemon:
         )
         self.supervisor.start()
         self.supervisor.wait_idle()
+        # Everything allocated so far (torch, the models' modules) lives as long as the process: keep
+        # it out of the collector, so the gc.collect() after each swap takes milliseconds, not 150.
+        gc.freeze()
         logger.info("initial load done: %s", self.summary(), extra={"event": "loaded"})
         self.watcher.start()
         try:
