@@ -1,0 +1,218 @@
+"""`make bench`: every measurement side by side in one run, written to bench/RESULTS.md.
+
+python -m bench.run            # the full run (~15 min on 2 cores)
+python -m bench.run --quick    # a smoke run of every part (~4 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import inprocess, reloads, servers, workload
+from .client import measure
+from .report import write_results
+
+HERE = Path(__file__).resolve().parent
+# Naive at c=64 is not cheap: every request waits for all the others, one forward at a time (minutes of drain).
+LEVELS = {"reloader": (1, 4, 16, 64), "litserve": (1, 4, 16, 64), "naive": (1, 4, 16)}
+# c=64 stays under the queue bound only if queue_size >= 64; 32 makes it overflow, so the 503 path is exercised.
+QUEUE_SIZE = 32
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorten everything: a smoke run")
+    parser.add_argument("--duration", type=float, help="seconds measured per concurrency level (default 15)")
+    parser.add_argument("--swap-duration", type=float, help="seconds of swapping under load (default 60)")
+    parser.add_argument("--swap-every", type=float, default=2.0, help="seconds between dropped checkpoints")
+    parser.add_argument("--swaps", type=int, help="valid swaps for the memory measurement (default 100)")
+    parser.add_argument("--split", type=int, help="drops per kind for the reload latency split (default 10)")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder (checkpoints, configs, logs)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads for every process (default: torch's)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.duration = args.duration or (3.0 if quick else 15.0)
+    args.swap_duration = args.swap_duration or (8.0 if quick else 60.0)
+    args.swaps = args.swaps or (3 if quick else 100)
+    args.split = args.split or (1 if quick else 10)
+    args.rounds = 1 if quick else 3
+    args.probes = 1 if quick else 3
+    args.warmup = 1.0 if quick else 2.0
+    return args
+
+
+PHASE_LOAD: list[tuple[str, str]] = []
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _phase(name: str) -> None:
+    """Log the phase and the machine's load average as it starts (other jobs share the machine)."""
+    PHASE_LOAD.append((name, _loadavg()))
+    _log(name)
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _scrape(base: str) -> dict[str, float]:
+    """reloader's batch-size and forward-time histograms, summed (to compute per-level deltas)."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out = {}
+    for name in ("reloader_batch_size_sum", "reloader_batch_size_count", "reloader_forward_duration_seconds_sum"):
+        found = re.findall(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)
+        out[name] = sum(float(v) for v in found)
+    return out
+
+
+def _levels(server: servers.Server, path: str, images: list[bytes], limit: inprocess.Limit, batch: int, args) -> list:
+    """Each level bracketed by in-process probes taken with the server frozen; a level's limit is their mean."""
+    rows = []
+    with server.paused():
+        before = limit.probe(batch, args.probes)
+    for c in LEVELS[server.name]:
+        scraped = _scrape(server.base) if server.name == "reloader" else None
+        t0 = time.monotonic()
+        result = measure(server.base + path, images, c, args.duration, args.warmup)
+        elapsed = time.monotonic() - t0
+        row: dict[str, Any] = {"server": server.name, **result.summary(), "error_kinds": dict(result.error_kinds)}
+        if scraped is not None:
+            after = _scrape(server.base)
+            batches = after["reloader_batch_size_count"] - scraped["reloader_batch_size_count"]
+            imgs = after["reloader_batch_size_sum"] - scraped["reloader_batch_size_sum"]
+            fwd = after["reloader_forward_duration_seconds_sum"] - scraped["reloader_forward_duration_seconds_sum"]
+            row.update(
+                mean_batch=imgs / max(batches, 1), forward_busy=fwd / elapsed, forward_img_s=imgs / max(fwd, 1e-9)
+            )
+        with server.paused():
+            after_probe = limit.probe(batch, args.probes)
+        row["limit_img_s"] = (before["img_s"] + after_probe["img_s"]) / 2
+        row["limit_serial_img_s"] = (before["serial_img_s"] + after_probe["serial_img_s"]) / 2
+        row["limit_pipelined_img_s"] = (before["pipelined_img_s"] + after_probe["pipelined_img_s"]) / 2
+        row["limit_b1_ms"] = (before["latency_b1_ms"] + after_probe["latency_b1_ms"]) / 2
+        before = after_probe
+        rows.append(row)
+        _log(
+            f"{server.name} c={c}: {row['img_s']:.2f} img/s (limit {row['limit_img_s']:.2f}), "
+            f"p99 {row['p99_ms']:.0f} ms, errors {row['errors']}, 503s {row['n503']}"
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    if args.threads:
+        # Servers inherit the environment; this process sets its own pool.
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    started, t_start = time.strftime("%Y-%m-%d %H:%M:%S %Z"), time.monotonic()
+    load_start = _loadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="reloader-bench-"))
+    logs = tmp / "logs"
+    logs.mkdir()
+    _log(f"working in {tmp}")
+    try:
+        images = workload.jpeg_images()
+        base = workload.state_dict(seed=0)
+        initial = workload.to_bytes(base)
+        init_path = tmp / "resnet18-init.pt"
+        init_path.write_bytes(initial)
+        t0 = time.perf_counter()
+        hashlib.sha256(initial).hexdigest()
+        sha_ms = (time.perf_counter() - t0) * 1000.0
+
+        def fresh_folder(name: str) -> Path:
+            folder = tmp / name / "checkpoints"
+            folder.mkdir(parents=True)
+            (folder / f"{workload.MODEL}-v1.pt").write_bytes(initial)
+            return folder
+
+        _phase("1. the in-process limit and the free speedups")
+        limit = inprocess.Limit(images, base)
+        table = limit.table(args.rounds)
+        speedups = inprocess.speedups(base, args.rounds)
+        batch = table["best_batch"]
+
+        _phase("2-3. reloader and its peers at each concurrency, one server at a time")
+        levels: list[dict[str, Any]] = []
+        folder = fresh_folder("serve")
+        config = workload.reloader_config(folder.parent, folder, queue_size=QUEUE_SIZE)
+        started_in = {}
+        for name, make, path in (
+            ("reloader", lambda: servers.reloader(config, logs), f"/models/{workload.MODEL}/predict"),
+            ("litserve", lambda: servers.litserve(init_path, logs), "/predict"),
+            ("naive", lambda: servers.naive(init_path, logs), "/predict"),
+        ):
+            with make() as server:
+                started_in[name] = server.started_in_s
+                levels += _levels(server, path, images, limit, batch, args)
+
+        _phase("4. swaps under load")
+        folder = fresh_folder("swaps")
+        blocks, _, per_block = reloads.swap_plan(args.swap_duration, args.swap_every)
+        staged = reloads.stage_swaps(folder, 2, blocks * per_block, seed=100)
+        config = workload.reloader_config(folder.parent, folder, queue_size=QUEUE_SIZE)
+        with servers.reloader(config, logs) as server:
+            swap_run = reloads.swaps_under_load(server, folder, images, staged, args.swap_duration, args.swap_every)
+
+        _phase("5-6. memory over many swaps, then the reload latency split")
+        folder = fresh_folder("memory")
+        config = workload.reloader_config(folder.parent, folder, queue_size=QUEUE_SIZE)
+        with servers.reloader(config, logs) as server:
+            memory = reloads.memory(server, folder, images, base, args.swaps)
+            split = reloads.latency_split(server, folder, images, base, args.split)
+
+        write_results(
+            args.out,
+            {
+                "started": started,
+                "elapsed_s": time.monotonic() - t_start,
+                "load_start": load_start,
+                "load_end": _loadavg(),
+                "phase_load": PHASE_LOAD,
+                "command": "make bench"
+                if os.environ.get("MAKELEVEL")
+                else "python -m bench.run " + " ".join(argv or sys.argv[1:]),
+                "args": vars(args),
+                "queue_size": QUEUE_SIZE,
+                "model_bytes": workload.state_dict_bytes(base),
+                "file_bytes": len(initial),
+                "initial_sha": workload.sha256(initial),
+                "sha_ms": sha_ms,
+                "table": table,
+                "speedups": speedups,
+                "levels": levels,
+                "started_in": started_in,
+                "swaps": swap_run,
+                "memory": memory,
+                "split": split,
+            },
+        )
+        _log(f"wrote {args.out} in {time.monotonic() - t_start:.0f} s")
+    finally:
+        if args.keep:
+            _log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
