@@ -58,7 +58,7 @@ class Batcher:
         requests that are then turned away only slows the ones already admitted."""
         waiting = self.queue_depth(live.name) + self._decoding.get(live.name, 0)
         if waiting + count > live.config.batch.queue_size:
-            raise Overloaded(f"model {live.name!r} has {waiting} requests queued or decoding, its limit")
+            raise Overloaded(f"model {live.name!r} has {waiting} requests queued, its limit (counting those decoding)")
 
     def decoding(self, name: str, delta: int) -> None:
         """Count requests being decoded, so a forming batch knows whether more are coming."""

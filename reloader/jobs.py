@@ -263,14 +263,15 @@ class ModelWorker:
             unchanged = stat_candidate(cand.path) == cand
             if report.sha256 is not None and unchanged:
                 self._hashes[cand.path] = (cand.signature, report.sha256)
-            if report.incomplete or (not report.passed and self._still_written(cand)):
-                status[cand.path] = ("incomplete", report.reason)
+            if report.incomplete or not unchanged or (not report.passed and self._still_written(cand)):
+                reason = report.reason or "file changed while it was validated"
+                status[cand.path] = ("incomplete", reason)
                 self._retry_later(cand.path)
-                self._record("incomplete", report, "incomplete", report.reason)
+                self._record("incomplete", report, "incomplete", reason)
                 continue
-            if new is None or not unchanged or (digest is not None and report.sha256 != digest):
+            if new is None or (digest is not None and report.sha256 != digest):
                 reason = report.reason or "file changed during validation"
-                if new is None and unchanged:
+                if new is None:
                     # Cached by content, so no later pass re-reads it (a file torch cannot load has no
                     # sha256 in its report: hash it now, once).
                     try:

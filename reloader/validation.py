@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,10 @@ class Gate:
     def _structure(self, state: dict[str, Any]) -> str:
         loaded = state["loaded"]
         module = build_model(self.config.arch, self.config.num_classes, loaded.state_dict)
+        # From here the module owns the tensors. Dropping the state_dict lets `prepare` (channels_last)
+        # free each original as it copies it, instead of holding a second model until the gate ends.
+        state["loaded"] = replace(loaded, state_dict={})
+        del loaded
         state["module"] = self._prepare(module, self.config)
         return f"strict load into {self.config.arch}(num_classes={self.config.num_classes})"
 
