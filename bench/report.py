@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .inprocess import RELOADER_FORWARD
 from .reloads import SwapRun, swap_timings
 
 MB = 1024 * 1024
@@ -169,7 +170,7 @@ def _level_table(levels: list[dict[str, Any]], forward_only: float) -> list[str]
             "Where reloader's time goes at c=16: the inference thread was in a forward "
             f"{r16['forward_busy'] * 100:.0f}% of the level's wall time, at {r16['forward_img_s']:.2f} img/s inside "
             f"those forwards with mean batch {r16['mean_batch']:.1f}; the same forward alone in process does "
-            f"{forward_only:.2f} img/s at batch 8 (speedups table, channels_last + inference_mode). Decoding "
+            f"{forward_only:.2f} img/s at batch 8 (speedups table, reloader's row). Decoding "
             "and HTTP run on the other threads, on the same two cores.",
         ]
     kinds = {f"{r['server']} c={r['c']}": r["error_kinds"] for r in levels if r["error_kinds"]}
@@ -320,7 +321,7 @@ def write_results(path: Path, d: dict[str, Any]) -> None:
         "forward' come from reloader's /metrics (forward time over the level's wall time; images per second of "
         "forward).",
         "",
-        *_level_table(d["levels"], d["speedups"]["channels_last + inference_mode (reloader)"]["img_s"]),
+        *_level_table(d["levels"], d["speedups"][RELOADER_FORWARD]["img_s"]),
         "",
         "## 4. Swaps under load (reloader, c=16)",
         "",

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .compute import run_forward
-from .config import ModelConfig
 from .registry import LiveModel
 
 
@@ -146,14 +145,3 @@ class Batcher:
 
         done.add_done_callback(finished)
 
-
-def prepare_module(module: torch.nn.Module, config: ModelConfig) -> torch.nn.Module:
-    """Make a validated module fast to serve; runs in the gate, so the warm-up exercises the result."""
-    module = module.to(memory_format=torch.channels_last)
-    if config.optimize == "compile":
-        # Compiling happens here, on the reload thread, while the previous version keeps serving. Batch 1
-        # is specialised, so a batch of 2 compiles the dynamic-batch graph that later batches reuse.
-        module = torch.compile(module, dynamic=True)
-        side = config.preprocess.crop
-        run_forward(module, torch.zeros(2, 3, side, side))
-    return module

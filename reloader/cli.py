@@ -43,9 +43,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .batching import prepare_module
     from .checkpoints import check_environment
     from .config import load_config
+    from .optimize import prepare_module
     from .validation import Gate
 
     check_environment()

@@ -14,12 +14,13 @@ from types import FrameType
 import uvicorn
 
 from .app import Service, build_app
-from .batching import Batcher, prepare_module
+from .batching import Batcher
 from .checkpoints import check_environment
 from .config import Config
 from .jobs import Outcome
 from .metrics import Metrics, RequestMetrics
 from .notify import Notifier
+from .optimize import prepare_module
 from .registry import Registry
 from .supervisor import Supervisor
 from .v2 import v2_routes

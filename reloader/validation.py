@@ -147,11 +147,10 @@ class Gate:
     def _structure(self, state: dict[str, Any]) -> str:
         loaded = state["loaded"]
         module = build_model(self.config.arch, self.config.num_classes, loaded.state_dict)
-        # From here the module owns the tensors. Dropping the state_dict lets `prepare` (channels_last)
-        # free each original as it copies it, instead of holding a second model until the gate ends.
+        # From here the module owns the tensors. Dropping the state_dict lets `prepare` (folding,
+        # channels_last) free each original as it copies it, instead of holding a second model.
         state["loaded"] = replace(loaded, state_dict={})
-        del loaded
-        state["module"] = self._prepare(module, self.config)
+        state["module"] = module
         return f"strict load into {self.config.arch}(num_classes={self.config.num_classes})"
 
     def _finite(self, state: dict[str, Any]) -> str:
@@ -166,7 +165,9 @@ class Gate:
         return "every parameter and buffer is finite"
 
     def _warmup(self, state: dict[str, Any]) -> str:
-        module = state["module"]
+        # Prepared after the finite check, which so names the checkpoint's own tensors, and before
+        # the warm-up, which so exercises exactly the module that will serve.
+        state["module"] = module = self._prepare(state.pop("module"), self.config)
         expected_shape = (1, self.config.num_classes)
         for image in self.warmup:
             out = run_forward(module, image.tensor.unsqueeze(0))

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import Project, colours_yaml
 
-from reloader.batching import forward, prepare_module
+from reloader.batching import forward
 from reloader.config import load_config
+from reloader.optimize import prepare_module
 from reloader.validation import Gate
 
 
