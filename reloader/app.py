@@ -97,8 +97,12 @@ class Service:
             raise ApiError(400, "multipart body has no 'file' field")
         return await field.read() if isinstance(field, UploadFile) else field.encode()
 
-    async def probabilities(self, live: LiveModel, images: list[bytes]) -> torch.Tensor:
-        """Decode, preprocess and run images on one live record; [len(images), num_classes]."""
+    async def probabilities(
+        self, live: LiveModel, images: list[bytes], *, follow: bool = False
+    ) -> tuple[torch.Tensor, LiveModel]:
+        """Decode, preprocess and run images on one live record: [len(images), num_classes], and the record.
+
+        With `follow` (one image only), a newer version that goes live while the image waits may answer."""
         batcher = self.batcher
         try:
             batcher.admit(live, len(images))
@@ -116,13 +120,14 @@ class Service:
             batcher.decoding(live.name, -len(images))
         timeout = self.supervisor.config.server.request_timeout_s
         try:
-            rows = await asyncio.gather(*(batcher.submit(live, t, timeout) for t in tensors))
+            follow = follow and len(tensors) == 1
+            rows = await asyncio.gather(*(batcher.submit(live, t, timeout, follow=follow) for t in tensors))
         except Overloaded as exc:
             raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from exc
         except TimeoutError as exc:
             message = f"timed out after {timeout} s waiting for model {live.name!r}"
             raise ApiError(503, message, headers={"Retry-After": "1"}) from exc
-        return torch.stack(rows)
+        return torch.stack([row for row, _ in rows]), rows[0][1]
 
 
 def parse_top_k(request: Request, num_classes: int) -> int:
@@ -155,8 +160,8 @@ def build_app(service: Service, extra_routes: list[Route] | None = None) -> Star
         request.state.model = name  # the metrics middleware labels by model, also on the default route
         top_k = parse_top_k(request, live.config.num_classes)
         data = await service.image_bytes(request)
-        probs = await service.probabilities(live, [data])
-        return JSONResponse(prediction(live, probs[0], top_k))
+        probs, served = await service.probabilities(live, [data], follow=True)
+        return JSONResponse(prediction(served, probs[0], top_k))
 
     async def models(request: Request) -> Response:
         return JSONResponse(service.supervisor.describe())

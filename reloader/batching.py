@@ -4,6 +4,11 @@ There is one forward pass at a time in the process, so torch's intra-op threads 
 never oversubscribed by parallel passes. A batch forms from whatever queued while the previous pass
 ran; it waits `max_wait_ms` more only when other requests for that model are still being decoded, so
 a lone request never waits.
+
+A request is bound to the live version when it is admitted, and may move to a newer one while it still
+waits in the queue: once a swap is done, no forward pass starts on the version it replaced. Only
+requests that allow it move (one image, no version asked for), and only to a version of the same model
+definition, so their preprocessing, labels and number of classes still hold.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ class Overloaded(Exception):
 class _Item:
     live: LiveModel
     tensor: torch.Tensor
-    future: asyncio.Future[torch.Tensor]
+    follow: bool
+    future: asyncio.Future[tuple[torch.Tensor, LiveModel]]
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -41,7 +47,13 @@ def forward(live: LiveModel, batch: torch.Tensor) -> torch.Tensor:
 class Batcher:
     """Lives on the event loop: every method but the executor's work runs on the loop thread."""
 
-    def __init__(self, *, on_batch: Callable[[str, int, float], None] = lambda name, size, s: None) -> None:
+    def __init__(
+        self,
+        *,
+        current: Callable[[str], LiveModel | None] = lambda name: None,
+        on_batch: Callable[[str, int, float], None] = lambda name, size, s: None,
+    ) -> None:
+        self._current = current
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._queues: dict[str, deque[_Item]] = {}
         self._decoding: dict[str, int] = {}
@@ -63,11 +75,15 @@ class Batcher:
         """Count requests being decoded, so a forming batch knows whether more are coming."""
         self._decoding[name] = self._decoding.get(name, 0) + delta
 
-    async def submit(self, live: LiveModel, tensor: torch.Tensor, timeout: float) -> torch.Tensor:
+    async def submit(
+        self, live: LiveModel, tensor: torch.Tensor, timeout: float, *, follow: bool = False
+    ) -> tuple[torch.Tensor, LiveModel]:
+        """The image's probabilities, and the version that computed them: `live`, or with `follow` a
+        newer version of the same definition that went live while the image waited."""
         queue = self._queues.setdefault(live.name, deque())
         if len(queue) >= live.config.batch.queue_size:
             raise Overloaded(f"model {live.name!r} has {len(queue)} requests queued, its limit")
-        item = _Item(live, tensor, asyncio.get_running_loop().create_future())
+        item = _Item(live, tensor, follow, asyncio.get_running_loop().create_future())
         queue.append(item)
         self._kick()
         try:
@@ -93,7 +109,7 @@ class Batcher:
                 if waited * 1000.0 < spec.max_wait_ms:
                     self._arm_timer(spec.max_wait_ms / 1000.0 - waited)
                     continue
-            self._start(self._take(queue, spec.max_size))
+            self._start(self._take(queue, spec.max_size, self._current(name)))
             # Round robin: the model served now goes to the back of the line.
             self._queues[name] = self._queues.pop(name)
             return
@@ -107,8 +123,12 @@ class Batcher:
         self._kick()
 
     @staticmethod
-    def _take(queue: deque[_Item], max_size: int) -> list[_Item]:
-        # One pass serves one version: items queued before a swap stay together on the old record.
+    def _take(queue: deque[_Item], max_size: int, newest: LiveModel | None) -> list[_Item]:
+        if newest is not None:
+            for item in queue:
+                if item.follow and item.live is not newest and item.live.config == newest.config:
+                    item.live = newest
+        # One pass serves one version: items that may not move stay together on the record they came with.
         first = queue[0].live
         batch: list[_Item] = []
         while queue and len(batch) < max_size and queue[0].live is first:
@@ -140,8 +160,7 @@ class Batcher:
                 elif exc is not None:
                     item.future.set_exception(exc)
                 else:
-                    item.future.set_result(fut.result()[i])
+                    item.future.set_result((fut.result()[i], live))
             self._kick()
 
         done.add_done_callback(finished)
-

@@ -100,7 +100,7 @@ class Daemon:
             config, self.registry, prepare=prepare_module, on_outcome=self._on_outcome, on_config=self._on_config
         )
         self.watcher = Watcher(self.supervisor)
-        self.batcher = Batcher(on_batch=self.metrics.batch_done)
+        self.batcher = Batcher(current=self.registry.get, on_batch=self.metrics.batch_done)
         self.metrics.observe(self.supervisor, self.batcher, self.dead_parts, self.watcher.is_alive)
         self.service = Service(self.supervisor, self.batcher, self.dead_parts)
         self.app = build_app(self.service, [*v2_routes(self.service), self.metrics.route()])

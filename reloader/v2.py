@@ -261,7 +261,9 @@ def v2_routes(service: Service) -> list[Route]:
         parsed = await anyio.to_thread.run_sync(
             parse_infer, body, request.headers.get(HEADER_LENGTH), live.config.batch.queue_size
         )
-        probs = await service.probabilities(live, parsed.images)
+        # A request that names a version gets that one; otherwise a newer one may answer it (one image only).
+        follow = request.path_params.get("version") is None
+        probs, live = await service.probabilities(live, parsed.images, follow=follow)
         header: dict[str, Any] = {"model_name": live.name, "model_version": str(live.version), "outputs": []}
         if parsed.id is not None:
             header["id"] = parsed.id

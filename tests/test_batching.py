@@ -1,0 +1,107 @@
+"""The batcher on its own: batches form from what queued during a pass, and waiting requests follow a swap."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+
+import torch
+from conftest import DEADLINE, Project, colours_yaml, png_bytes
+from tinynet import COLOURS, colour_state_dict
+from torch import nn
+
+from reloader.batching import Batcher
+from reloader.config import load_config
+from reloader.optimize import prepare_module
+from reloader.registry import LiveModel
+from reloader.validation import Gate
+
+
+class _Held(nn.Module):
+    """Holds its first forward pass until released, so a test can queue requests behind it."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.batches: list[int] = []  # the size of each pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(len(x))
+        self.entered.set()
+        assert self.release.wait(DEADLINE), "the test never released the held forward pass"
+        return self.inner(x)
+
+
+def _live(project: Project, name: str, state_dict: dict) -> LiveModel:
+    project.write_config(colours_yaml(expect=False))  # v2 below answers wrong on purpose
+    config = load_config(project.config).models["colours"]
+    live, report = Gate("colours", config, prepare_module).run(project.save(name, state_dict))
+    assert live is not None, report.reason
+    return live
+
+
+def _label(row: torch.Tensor) -> str:
+    return COLOURS[int(row.argmax())]
+
+
+def _run_behind_a_held_pass(
+    first: LiveModel, swapped_in: LiveModel
+) -> tuple[dict[str, tuple[torch.Tensor, LiveModel]], list[int]]:
+    """Start a pass on `first` and hold it; queue two more requests; swap; release.
+
+    Returns each request's answer, and the sizes of the passes `first` ran."""
+    held = _Held(first.module)
+    first = dataclasses.replace(first, module=held)
+    current = {"colours": first}
+    red = first.preprocessor.load(png_bytes("red"))
+
+    async def main() -> dict[str, tuple[torch.Tensor, LiveModel]]:
+        batcher = Batcher(current=current.get)
+        try:
+            in_flight = asyncio.ensure_future(batcher.submit(first, red, DEADLINE, follow=True))
+            assert await asyncio.to_thread(held.entered.wait, DEADLINE)
+            following = asyncio.ensure_future(batcher.submit(first, red, DEADLINE, follow=True))
+            pinned = asyncio.ensure_future(batcher.submit(first, red, DEADLINE, follow=False))
+            await asyncio.sleep(0)  # one turn of the loop: both tasks run up to their wait
+            assert batcher.queue_depth("colours") == 2
+            current["colours"] = swapped_in
+            held.release.set()
+            answers = await asyncio.gather(in_flight, following, pinned)
+        finally:
+            held.release.set()
+            batcher.close()
+        return dict(zip(("in_flight", "following", "pinned"), answers, strict=True))
+
+    return asyncio.run(main()), held.batches
+
+
+def test_a_request_waiting_when_a_swap_lands_is_answered_by_the_new_version(project: Project):
+    old = _live(project, "colours-v1.pt", colour_state_dict())
+    # v2 answers green for a red image, so each answer shows which weights computed it.
+    new = _live(project, "colours-v2.pt", colour_state_dict(permute=(1, 0, 2)))
+
+    answers, old_passes = _run_behind_a_held_pass(old, new)
+
+    row, served = answers["in_flight"]
+    assert served.version == 1 and _label(row) == "red"  # a pass already running finishes on its version
+    row, served = answers["following"]
+    assert served is new and _label(row) == "green"
+    row, served = answers["pinned"]
+    assert served.version == 1 and _label(row) == "red"  # asked for its version, keeps it
+    assert old_passes == [1, 1]  # the pinned request ran in a pass of its own, not with the one that moved
+
+
+def test_a_waiting_request_stays_on_its_version_when_the_model_definition_changed(project: Project):
+    old = _live(project, "colours-v1.pt", colour_state_dict())
+    new = _live(project, "colours-v2.pt", colour_state_dict(permute=(1, 0, 2)))
+    relabelled = dataclasses.replace(new, config=new.config.model_copy(update={"labels": ("r", "g", "b")}))
+
+    answers, old_passes = _run_behind_a_held_pass(old, relabelled)
+
+    for key in ("in_flight", "following", "pinned"):
+        row, served = answers[key]
+        assert served.version == 1 and _label(row) == "red", key
+    assert old_passes == [1, 2]
