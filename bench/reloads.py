@@ -321,6 +321,7 @@ def _split(status: dict[str, Any], sha: str, landed: float, first: float, *, ren
         "swap_ms": (live_at - gate_end) * 1000.0,
         "to_live_ms": (live_at - landed) * 1000.0,
         "to_first_response_ms": (first - landed) * 1000.0,
+        "live_to_first_response_ms": (first - live_at) * 1000.0,
         "overhead_to_live_ms": (live_at - landed) * 1000.0 - load_ms - validation_ms,
         "overhead_to_first_response_ms": (first - landed) * 1000.0 - load_ms - validation_ms,
     }

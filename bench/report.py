@@ -255,11 +255,14 @@ def _split_table(d: dict[str, Any]) -> list[str]:
         ("swap_ms", "swap"),
         ("to_live_ms", "land -> live"),
         ("to_first_response_ms", "land -> first new response"),
+        ("live_to_first_response_ms", "live -> first new response"),
         ("overhead_to_live_ms", "to live minus load+validation"),
+        ("overhead_to_first_response_ms", "to first new response minus load+validation"),
     )
     out = [
         "Median (min-max) in ms over the drops; two pollers post continuously. 'land' is the os.replace for a rename "
-        "and the close() for an in-place write.",
+        "and the close() for an in-place write. From 'live' to the first new response, the pass already running "
+        "finishes on the old version (requests still queued move to the new one), then the next pass runs.",
         "",
         "| how | n | " + " | ".join(label for _, label in cols) + " |",
         "|---|---|" + "---|" * len(cols),
