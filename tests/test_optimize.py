@@ -10,6 +10,7 @@ import torchvision
 from conftest import Project, colours_yaml
 from torch import nn
 
+from reloader.compute import FORWARD_LOCK
 from reloader.config import load_config
 from reloader.optimize import fold_batchnorms, prepare_module
 from reloader.validation import Gate
@@ -135,3 +136,29 @@ def test_the_gate_serves_the_folded_channels_last_module_and_checks_finiteness_o
     torch.testing.assert_close(_answers(live.module, x), _answers(model, x), rtol=1e-4, atol=1e-4)
     # Checked before folding, the NaN is reported where the checkpoint has it, not in a folded conv.
     assert rejected.reason == "finite: non-finite (NaN/inf) values in layer1.0.bn1.running_var (1 of 64 values)"
+
+
+class _SeesTheLock(nn.Module):
+    """Records, when torch.fx runs its forward to trace it, whether forward passes are held off meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+        self.traced_under_lock: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.traced_under_lock.append(FORWARD_LOCK.locked())
+        return self.norm(self.conv(x))
+
+
+def test_tracing_takes_turns_with_forward_passes_because_fx_patches_every_threads_module_calls():
+    # While fx traces, nn.Module.__call__ is patched process-wide: a serving forward that ran meanwhile
+    # failed with "NameError: module is not installed as a submodule" (seen under load in the bench).
+    model = _with_trained_statistics(_SeesTheLock())
+
+    folded = fold_batchnorms(model, "sees-the-lock")
+
+    assert model.traced_under_lock == [True]
+    assert isinstance(folded.norm, nn.Identity)
+    assert not FORWARD_LOCK.locked()
