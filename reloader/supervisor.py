@@ -98,6 +98,12 @@ class Supervisor:
             if worker.folder == path.parent:
                 worker.file_event(path, kind)
 
+    def rescan_folder(self, folder: Path) -> None:
+        """A folder is watched again after it was gone: look at what it holds now."""
+        for worker in self.workers():
+            if worker.folder == folder:
+                worker.rescan()
+
     def config_touched(self) -> None:
         """Something changed in the config's folder: reload once the burst of events is over."""
         now = self._clock()

@@ -1,5 +1,10 @@
 """Filesystem events in, reload requests out. watchdog runs handlers on one dispatch thread, so the
-handler only filters paths and hands them to the supervisor; loading happens on the model's worker."""
+handler only filters paths and hands them to the supervisor; loading happens on the model's worker.
+
+A watch ends when its folder is deleted (watchdog's emitter stops on IN_DELETE_SELF, or when a poll
+finds the folder gone). A repair loop notices, and watches the folder again once it exists, with a
+rescan for what landed meanwhile; a folder missing at start is picked up the same way.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ from .config import Config
 from .supervisor import Supervisor
 
 logger = logging.getLogger("reloader.watcher")
+
+# How often the repair loop looks for ended watches and folders that came back.
+REPAIR_INTERVAL_S = 0.5
 
 
 class _Handler(FileSystemEventHandler):
@@ -76,6 +84,10 @@ class Watcher:
         self._handler = _Handler(self)
         self._lock = threading.Lock()
         self._watches: dict[Path, ObservedWatch] = {}
+        self._wanted: frozenset[Path] = frozenset()
+        self._unwatchable: set[Path] = set()  # already logged as missing or failing
+        self._stop = threading.Event()
+        self._repairer = threading.Thread(target=self._repair_loop, name="watch-repair", daemon=True)
         self.folders: frozenset[Path] = frozenset()
 
     def is_config_path(self, path: Path | None) -> bool:
@@ -86,10 +98,12 @@ class Watcher:
         )
 
     def start(self) -> None:
+        # Started first: an observer that starts with a watch on a missing folder raises from start().
+        self._observer.start()
         self._schedule(self.config_dir)
         self._follow(self.supervisor.config)
         self.supervisor.config_listeners.append(self._follow)
-        self._observer.start()
+        self._repairer.start()
         logger.info(
             "watching %s and %d checkpoint folder(s) with %s",
             self.config_dir,
@@ -98,20 +112,58 @@ class Watcher:
         )
 
     def stop(self) -> None:
+        self._stop.set()
+        if self._repairer.is_alive():
+            self._repairer.join()
         self._observer.stop()
         if self._observer.is_alive():
             self._observer.join()
 
     def is_alive(self) -> bool:
-        return self._observer.is_alive() and all(e.is_alive() for e in self._observer.emitters)
+        """The dispatch thread and the repair loop run; a deleted folder's ended watch is the loop's to mend."""
+        return self._observer.is_alive() and self._repairer.is_alive()
 
     def _schedule(self, folder: Path) -> bool:
         try:
             self._watches[folder] = self._observer.schedule(self._handler, str(folder), recursive=False)
         except OSError as exc:
-            logger.warning("cannot watch %s: %s; it is rescanned on SIGHUP and config reloads", folder, exc)
+            if folder not in self._unwatchable:
+                logger.warning("cannot watch %s: %s; watching it as soon as it can be", folder, exc)
+                self._unwatchable.add(folder)
             return False
+        if folder in self._unwatchable:
+            logger.info("watching %s again", folder)
+            self._unwatchable.discard(folder)
         return True
+
+    def _repair_loop(self) -> None:
+        while not self._stop.wait(REPAIR_INTERVAL_S):
+            try:
+                back = self._repair()
+            except Exception:  # never let one failed repair end the loop that keeps the daemon healthy
+                logger.exception("repairing folder watches failed")
+                continue
+            for folder in back:
+                if folder == self.config_dir:
+                    self.supervisor.config_touched()
+                self.supervisor.rescan_folder(folder)
+
+    def _repair(self) -> list[Path]:
+        """Drop watches whose folder went away, and watch again folders that exist (again); returns those."""
+        back = []
+        with self._lock:
+            running = {e.watch for e in set(self._observer.emitters) if e.is_alive()}
+            for folder in sorted(self._wanted | {self.config_dir}):
+                watch = self._watches.get(folder)
+                if watch is not None and watch in running:
+                    continue
+                if watch is not None:
+                    self._observer.unschedule(self._watches.pop(folder))
+                    logger.warning("%s is gone; watching it again when it comes back", folder)
+                    self._unwatchable.add(folder)
+                if folder.is_dir() and self._schedule(folder):
+                    back.append(folder)
+        return back
 
     def _follow(self, config: Config) -> None:
         """Watch exactly the folders the current config names."""
@@ -119,8 +171,11 @@ class Watcher:
         if config.watch.poll != self.polling:
             logger.warning("watch.poll changes take effect after a restart")
         with self._lock:
+            self._wanted = frozenset(wanted)
+            self._unwatchable &= wanted | {self.config_dir}
             for folder in set(self._watches) - wanted - {self.config_dir}:
                 self._observer.unschedule(self._watches.pop(folder))
             for folder in wanted - set(self._watches):
                 self._schedule(folder)
-            self.folders = frozenset(f for f in wanted if f in self._watches)
+            # Events still queued from a folder's last moments (its files' deletions) must get through.
+            self.folders = self._wanted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import queue
@@ -24,8 +25,9 @@ import torch
 from conftest import DEADLINE, ROOT, Daemon, Project, colours_yaml, png_bytes, sha256, wait_until
 from tinynet import colour_state_dict
 
-from reloader.config import ServerConfig
+from reloader.config import ServerConfig, load_config
 from reloader.notify import Notifier
+from reloader.server import Daemon as ReloaderDaemon
 
 UNIT = ROOT / "systemd" / "reloader.service"
 INSTALLED_BINARY = "/opt/reloader/.venv/bin/reloader"
@@ -412,22 +414,48 @@ def test_sigterm_sends_stopping_and_the_daemon_exits_zero(project: Project, star
     assert daemon.proc.wait(DEADLINE) == 0
 
 
-def test_watchdog_pings_stop_once_a_watched_folder_is_deleted_so_systemd_restarts_the_daemon(
-    project: Project, start_daemon, notify
-):
-    # watchdog's inotify emitter ends itself when its folder goes (IN_DELETE_SELF): from then on no
-    # checkpoint is ever seen again, which only a restart repairs.
+def test_watchdog_pings_go_on_while_a_watched_folder_is_deleted_and_recreated(project: Project, start_daemon, notify):
+    # The folder's watch ends with it; the watcher mends that by itself, so systemd has nothing to restart.
     project.save("colours-v1.pt")
     daemon = start_daemon(project.config, env=notify.env(watchdog_usec=1_000_000))
     notify.expect(has("READY"), "READY=1")
-    notify.expect(has("WATCHDOG"), "WATCHDOG=1 while healthy")
 
     shutil.rmtree(project.checkpoints)
+    wait_until(lambda: "is gone; watching it again when it comes back" in daemon.log(), what="the watcher to notice")
+    notify.expect(has("WATCHDOG"), "a WATCHDOG=1 after the folder went")
+    project.checkpoints.mkdir()
+    project.save("colours-v2.pt", colour_state_dict(scale=6.0))
 
-    wait_until(lambda: daemon.get("/healthz").status_code == 503, what="/healthz to report the dead watcher")
-    assert "file watcher" in daemon.get("/healthz").json()["error"]
-    notify.expect_silence("WATCHDOG", period=1.0)
-    assert daemon.predict("red").status_code == 200, "the live model keeps serving until systemd restarts it"
+    daemon.wait_live(project.checkpoints / "colours-v2.pt")
+    notify.expect(has("WATCHDOG"), "a WATCHDOG=1 after it came back")
+    assert daemon.get("/healthz").status_code == 200
+
+
+def test_watchdog_pings_stop_once_the_file_watcher_has_stopped(project: Project, notify):
+    # In process, to stop the watcher from outside: what a crashed watchdog dispatch thread looks like.
+    project.save("colours-v1.pt")
+    daemon = ReloaderDaemon(load_config(project.config), port=0, notifier=Notifier(notify.env(watchdog_usec=2)))
+    daemon.supervisor.start()
+    try:
+        assert daemon.supervisor.wait_idle(DEADLINE)
+        daemon.watcher.start()
+        asyncio.run(daemon.server.on_tick(1))
+        notify.expect(has("WATCHDOG"), "WATCHDOG=1 while healthy")
+        healthy = len(notify.received)
+
+        daemon.watcher.stop()
+        asyncio.run(daemon.server.on_tick(2))
+        daemon.notifier.send("MARK=1")  # datagrams arrive in order: whatever the tick sent comes before this
+
+        notify.expect(has("MARK"), "the mark")
+        assert daemon.dead_parts() == ["file watcher"]
+        after = [message for _, message in notify.received[healthy:]]
+        assert after == [{"MARK": "1"}], f"the stopped watcher's tick still sent {after[:-1]}"
+    finally:
+        daemon.watcher.stop()
+        daemon.supervisor.stop()
+        daemon.batcher.close()
+        daemon.notifier.close()
 
 
 def test_watchdog_is_off_without_watchdog_usec_or_when_watchdog_pid_names_another_process():

@@ -294,3 +294,44 @@ def test_the_daemon_serves_a_model_whose_folder_is_filled_only_after_start(proje
 
     daemon.wait_live(project.checkpoints / "colours-v1.pt")
     assert daemon.get("/readyz").status_code == 200
+
+
+POLLING = "watch:\n  poll: true\n  poll_interval: 0.1\n  settle_ms: 100\n"
+
+
+@pytest.mark.parametrize("watch", ["", POLLING], ids=["inotify", "polling"])
+def test_a_deleted_folder_keeps_its_model_serving_and_is_watched_again_when_it_comes_back(
+    project: Project, start_daemon, watch: str
+):
+    project.save("colours-v1.pt", good(1))
+    project.write_config(colours_yaml(watch=watch))
+    daemon = start_daemon(project.config)
+    sha = sha256(project.checkpoints / "colours-v1.pt")
+
+    shutil.rmtree(project.checkpoints)
+    wait_until(lambda: "is gone; watching it again when it comes back" in daemon.log(), what="the watcher to notice")
+    assert daemon.predict().json()["sha256"] == sha
+    assert daemon.get("/healthz").status_code == 200
+    subprocess.run(["mkdir", str(project.checkpoints)], check=True)
+    wait_until(lambda: f"watching {project.checkpoints} again" in daemon.log(), what="the folder to be watched again")
+    subprocess.run(["cp", str(project.stage("v2.pt", good(2))), str(project.checkpoints / "colours-v2.pt")], check=True)
+
+    daemon.wait_live(project.checkpoints / "colours-v2.pt")
+    assert daemon.get("/healthz").status_code == 200
+
+
+def test_a_folder_missing_at_start_is_watched_once_it_is_moved_in_full(project: Project, start_daemon):
+    # The folder arrives with its checkpoint already inside: no event inside it ever fires, only the rescan
+    # that follows the new watch can find the file.
+    project.checkpoints.rmdir()
+    daemon = start_daemon(project.config, ready=False)
+    assert f"cannot watch {project.checkpoints}" in daemon.log()
+    assert daemon.predict().status_code == 503
+    staged = project.root / "incoming"
+    staged.mkdir()
+    torch.save(good(1), staged / "colours-v1.pt")
+
+    subprocess.run(["mv", str(staged), str(project.checkpoints)], check=True)
+
+    daemon.wait_live(project.checkpoints / "colours-v1.pt")
+    assert daemon.get("/healthz").status_code == 200
