@@ -78,6 +78,21 @@ class _SharedNorm(nn.Module):
         return self.head_norm(self.head(y))
 
 
+class _TiedWeights(nn.Module):
+    """Two convolutions sharing one weight, each with its own BatchNorm: scaling it for one breaks the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.norm_a = nn.BatchNorm2d(3)
+        self.norm_b = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_b(self.b(self.norm_a(self.a(x))))
+
+
 class _Branchy(nn.Module):
     """Control flow on a value, which torch.fx cannot trace."""
 
@@ -100,6 +115,17 @@ def test_a_batchnorm_called_twice_stays_and_the_one_called_once_folds():
 
     assert isinstance(folded.norm, nn.BatchNorm2d) and isinstance(folded.head_norm, nn.Identity)
     torch.testing.assert_close(_answers(folded, x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_convolutions_that_share_a_weight_are_left_alone():
+    model = _with_trained_statistics(_TiedWeights())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    before = _answers(model, x)
+
+    folded = fold_batchnorms(model, "tied")
+
+    assert _batchnorms(folded) == 2
+    torch.testing.assert_close(_answers(folded, x), before)
 
 
 def test_a_module_torch_fx_cannot_trace_serves_unfolded_and_the_log_says_why(caplog: pytest.LogCaptureFixture):
