@@ -115,13 +115,17 @@ def drop(folder: Path, name: str, data: bytes) -> float:
 
 
 def write_in_place(path: Path, data: bytes, chunk: int = 1 << 20, pause_s: float = 0.005) -> float:
-    """Write the final name directly, slowly in chunks (a naive trainer or `cp`); returns when it closed."""
+    """Write the final name directly, slowly in chunks (a naive trainer or `cp`); returns when it closed.
+
+    The time is taken just before close(), as `drop` takes it just before the rename: taken after,
+    it could come later than the daemon's own reaction to the close (this thread shares the GIL)."""
     with open(path, "wb") as fh:
         for i in range(0, len(data), chunk):
             fh.write(data[i : i + chunk])
             fh.flush()
             time.sleep(pause_s)
-    return time.time()
+        closing = time.time()
+    return closing
 
 
 def reloader_config(root: Path, checkpoints: Path, *, queue_size: int) -> Path:
