@@ -13,6 +13,7 @@ from collections import Counter
 
 import torch
 from torch import fx
+from torch.nn.utils.parametrize import is_parametrized
 
 from .compute import FORWARD_LOCK, run_forward
 from .config import ModelConfig
@@ -21,7 +22,7 @@ logger = logging.getLogger("reloader.optimize")
 
 BATCHNORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 # Convolutions only: their output channels are the BatchNorm's channels whatever the input's shape, which
-# a Linear's (features last) are only for 2-D inputs.
+# a Linear's (features last) are only for 2-D inputs. Exact types: a subclass may compute differently.
 FOLDABLE = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
@@ -39,19 +40,17 @@ def prepare_module(module: torch.nn.Module, config: ModelConfig) -> torch.nn.Mod
 
 
 def fold_batchnorms(module: torch.nn.Module, arch: str) -> torch.nn.Module:
-    """Fold, in place, each eval-mode BatchNorm that only ever normalises one convolution's output.
+    """Fold, in place, each eval-mode BatchNorm that only ever normalises one plain convolution's output.
 
-    torch.fx finds the pairs in a trace; each conv's weight is scaled in place and gets the folded bias;
-    the BatchNorm becomes an Identity. In place because every weight copied is memory the swap's peak
-    holds on to: `torch.fx.experimental.optimization.fuse` (and `torch.nn.utils.fusion`) allocate a
-    new weight per layer, which took the bench's peak from 1.95x to 2.2x the model, and fuse's
-    GraphModule caches its generated code for good, once per reload. A module torch.fx cannot trace
-    serves unfolded, which answers the same, only a little slower.
+    In place because every weight copied is memory the swap's peak holds on to (torch's own fusion
+    helpers allocate a new weight per layer: the bench's peak went from 1.95x to 2.2x the model).
+    Anything that could make the folded module answer differently leaves the pair alone; a module
+    torch.fx cannot trace serves unfolded, which answers the same, only a little slower.
     """
     if module.training or not any(isinstance(m, BATCHNORMS) for m in module.modules()):
         return module
     try:
-        pairs = _conv_batchnorm_pairs(module)
+        pairs = _foldable_pairs(module)
     except Exception as exc:  # tracing runs user code: a factory's forward can fail in any way
         logger.info("%s: BatchNorms not folded, torch.fx cannot trace it: %s: %s", arch, type(exc).__name__, exc)
         return module
@@ -63,28 +62,48 @@ def fold_batchnorms(module: torch.nn.Module, arch: str) -> torch.nn.Module:
     return module
 
 
-def _conv_batchnorm_pairs(module: torch.nn.Module) -> list[tuple[str, str]]:
-    """(conv, BatchNorm) submodule names where the BatchNorm only ever normalises that conv's output."""
+def _foldable_pairs(module: torch.nn.Module) -> list[tuple[str, str]]:
+    """(conv, BatchNorm) names where the BatchNorm is the only use of that conv's output, and folding
+    changes nothing else the forward does."""
     # fx patches torch.nn.Module.__call__ for every thread while it traces: a forward pass running
     # meanwhile (serving, another model's warm-up) would be traced too, and fail. So trace in turn with them.
+    tracer = fx.Tracer()
+    tracer.proxy_buffer_attributes = True  # a buffer the forward reads shows up by name, like a parameter
     with FORWARD_LOCK:
-        graph = fx.Tracer().trace(module)
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-    # Folding scales the weight in place: a weight two layers share (tied weights) would be scaled for both.
-    owners = Counter(id(p) for m in module.modules() for p in m.parameters(recurse=False))
+        graph = tracer.trace(module)
+    calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
+    # Attributes the forward reads itself (`self.conv.weight`, `self.bn.running_mean`) must keep their values.
+    read = [str(node.target) for node in graph.nodes if node.op == "get_attr"]
+    names = Counter(id(m) for _, m in module.named_modules(remove_duplicate=False))
+    # Tied weights stay tied through a checkpoint as tensors sharing storage: scaling one scales both.
+    storages = Counter(
+        t.untyped_storage().data_ptr()
+        for m in module.modules()
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+    )
     pairs = []
     for node in graph.nodes:
         source = node.args[0] if node.op == "call_module" and node.args else None
         if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
             continue
-        if calls[node.target] != 1 or calls[source.target] != 1:
-            continue  # a layer called from two places would be folded for both
-        conv, bn = module.get_submodule(str(source.target)), module.get_submodule(str(node.target))
-        if owners[id(getattr(conv, "weight", None))] > 1:
+        conv_name, bn_name = str(source.target), str(node.target)
+        conv, bn = module.get_submodule(conv_name), module.get_submodule(bn_name)
+        if not (type(conv) in FOLDABLE and type(bn) in BATCHNORMS and bn.track_running_stats):
             continue
-        if isinstance(bn, BATCHNORMS) and bn.track_running_stats and isinstance(conv, FOLDABLE):
-            pairs.append((str(source.target), str(node.target)))
+        if calls[conv_name] != 1 or calls[bn_name] != 1 or names[id(conv)] != 1 or names[id(bn)] != 1:
+            continue  # called, or reachable, from two places: folded for one, wrong for the other
+        if any(r == n or r.startswith(n + ".") for r in read for n in (conv_name, bn_name)):
+            continue
+        if _has_hooks(conv) or _has_hooks(bn) or is_parametrized(conv):
+            continue  # hooks and parametrizations (weight_norm, say) act on what folding changes
+        if storages[conv.weight.untyped_storage().data_ptr()] != 1:
+            continue
+        pairs.append((conv_name, bn_name))
     return pairs
+
+
+def _has_hooks(m: torch.nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_with_kwargs)
 
 
 @torch.no_grad()
@@ -92,13 +111,14 @@ def _fold_into(conv: torch.nn.Module, bn: torch.nn.Module) -> None:
     """bn(conv(x)) == conv'(x) with w' = w * s and b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps)."""
     assert isinstance(conv, FOLDABLE) and isinstance(bn, BATCHNORMS)
     assert bn.running_mean is not None and bn.running_var is not None  # track_running_stats, checked by the caller
-    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    exact = torch.promote_types(conv.weight.dtype, torch.float32)  # fp16/bf16 in fp32, fp64 stays fp64
+    scale = torch.rsqrt(bn.running_var.to(exact) + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.float()
-    bias = -bn.running_mean.float() * scale
+        scale = scale * bn.weight.to(exact)
+    bias = -bn.running_mean.to(exact) * scale
     if conv.bias is not None:
-        bias = bias + conv.bias.float() * scale
+        bias = bias + conv.bias.to(exact) * scale
     if bn.bias is not None:
-        bias = bias + bn.bias.float()
+        bias = bias + bn.bias.to(exact)
     conv.weight.mul_(scale.to(conv.weight.dtype).reshape(-1, *([1] * (conv.weight.dim() - 1))))
     conv.bias = torch.nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)

@@ -78,19 +78,63 @@ class _SharedNorm(nn.Module):
         return self.head_norm(self.head(y))
 
 
-class _TiedWeights(nn.Module):
-    """Two convolutions sharing one weight, each with its own BatchNorm: scaling it for one breaks the other."""
+class _ConvNorm(nn.Module):
+    """conv -> BatchNorm, a pair that folds; each case below adds one thing that must stop it."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a = nn.Conv2d(3, 3, 3, padding=1)
-        self.b = nn.Conv2d(3, 3, 3, padding=1)
-        self.b.weight = self.a.weight
-        self.norm_a = nn.BatchNorm2d(3)
-        self.norm_b = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_b(self.b(self.norm_a(self.a(x))))
+        return self.norm(self.conv(x))
+
+
+class _TiedWeights(_ConvNorm):
+    """A second conv sharing the first one's weight, each with its own BatchNorm."""
+
+    def __init__(self, *, same_parameter: bool) -> None:
+        super().__init__()
+        self.other = nn.Conv2d(3, 3, 3, padding=1)
+        # Through a checkpoint, tied weights come back as two Parameters over one storage.
+        self.other.weight = self.conv.weight if same_parameter else nn.Parameter(self.conv.weight.data)
+        self.other_norm = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.other_norm(self.other(super().forward(x)))
+
+
+class _ReusesWeight(_ConvNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + nn.functional.conv2d(x, self.conv.weight, padding=1)
+
+
+class _ReadsStatistics(_ConvNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) - self.norm.running_mean.view(1, -1, 1, 1)
+
+
+class _AliasedNorm(_ConvNorm):
+    """The BatchNorm is registered twice, and the forward calls it by its second name, `head[0]`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(self.norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x))
+
+
+def _hooked() -> nn.Module:
+    model = _ConvNorm()
+    model.conv.register_forward_hook(lambda module, args, out: out.clamp(min=0))
+    return model
+
+
+def _weight_normed() -> nn.Module:
+    model = _ConvNorm()
+    nn.utils.parametrizations.weight_norm(model.conv)
+    return model
 
 
 class _Branchy(nn.Module):
@@ -117,14 +161,27 @@ def test_a_batchnorm_called_twice_stays_and_the_one_called_once_folds():
     torch.testing.assert_close(_answers(folded, x), before, rtol=1e-5, atol=1e-5)
 
 
-def test_convolutions_that_share_a_weight_are_left_alone():
-    model = _with_trained_statistics(_TiedWeights())
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: _TiedWeights(same_parameter=True),
+        lambda: _TiedWeights(same_parameter=False),
+        _ReusesWeight,
+        _ReadsStatistics,
+        _AliasedNorm,
+        _hooked,
+        _weight_normed,
+    ],
+    ids=["tied-parameter", "tied-storage", "weight-read", "statistics-read", "aliased", "hooked", "weight-norm"],
+)
+def test_a_pair_whose_folding_would_change_the_answers_is_left_alone(build):
+    model = _with_trained_statistics(build())
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
     before = _answers(model, x)
 
-    folded = fold_batchnorms(model, "tied")
+    folded = fold_batchnorms(model, "edge")
 
-    assert _batchnorms(folded) == 2
+    assert isinstance(folded.norm, nn.BatchNorm2d)
     torch.testing.assert_close(_answers(folded, x), before)
 
 
