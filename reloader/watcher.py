@@ -2,13 +2,17 @@
 handler only filters paths and hands them to the supervisor; loading happens on the model's worker.
 
 A watch ends when its folder is deleted (watchdog's emitter stops on IN_DELETE_SELF, or when a poll
-finds the folder gone). A repair loop notices, and watches the folder again once it exists, with a
-rescan for what landed meanwhile; a folder missing at start is picked up the same way.
+finds the folder gone), and an inotify watch follows its folder when it is renamed away, so another
+folder moved into its place (or a symlink pointed elsewhere) goes unwatched. A repair loop notices
+both, watches whatever folder is at the path once there is one, and has it rescanned; a folder
+missing at start is picked up the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 from pathlib import Path
 
@@ -84,6 +88,7 @@ class Watcher:
         self._handler = _Handler(self)
         self._lock = threading.Lock()
         self._watches: dict[Path, ObservedWatch] = {}
+        self._identities: dict[Path, tuple[int, int] | None] = {}  # (st_dev, st_ino) of what each watch watches
         self._wanted: frozenset[Path] = frozenset()
         self._unwatchable: set[Path] = set()  # already logged as missing or failing
         self._stop = threading.Event()
@@ -124,6 +129,8 @@ class Watcher:
         return self._observer.is_alive() and self._repairer.is_alive()
 
     def _schedule(self, folder: Path) -> bool:
+        # Read before scheduling: if the folder is replaced in between, the next repair sees a mismatch.
+        self._identities[folder] = _identity(folder)
         try:
             self._watches[folder] = self._observer.schedule(self._handler, str(folder), recursive=False)
         except OSError as exc:
@@ -139,31 +146,38 @@ class Watcher:
     def _repair_loop(self) -> None:
         while not self._stop.wait(REPAIR_INTERVAL_S):
             try:
-                back = self._repair()
+                changed = self._repair()
             except Exception:  # never let one failed repair end the loop that keeps the daemon healthy
                 logger.exception("repairing folder watches failed")
                 continue
-            for folder in back:
+            for folder in changed:
                 if folder == self.config_dir:
                     self.supervisor.config_touched()
                 self.supervisor.rescan_folder(folder)
 
     def _repair(self) -> list[Path]:
-        """Drop watches whose folder went away, and watch again folders that exist (again); returns those."""
-        back = []
+        """Drop watches whose folder went away or was replaced, and watch what is at the path now.
+
+        Returns the folders to rescan: events still queued from a dropped watch are dropped with it."""
+        changed: list[Path] = []
         with self._lock:
             running = {e.watch for e in set(self._observer.emitters) if e.is_alive()}
             for folder in sorted(self._wanted | {self.config_dir}):
                 watch = self._watches.get(folder)
-                if watch is not None and watch in running:
+                now = _identity(folder)
+                if watch is not None and watch in running and now == self._identities.get(folder):
                     continue
                 if watch is not None:
                     self._observer.unschedule(self._watches.pop(folder))
-                    logger.warning("%s is gone; watching it again when it comes back", folder)
-                    self._unwatchable.add(folder)
-                if folder.is_dir() and self._schedule(folder):
-                    back.append(folder)
-        return back
+                    changed.append(folder)
+                    if now is None:
+                        logger.warning("%s is gone; watching it again when it comes back", folder)
+                        self._unwatchable.add(folder)
+                    else:
+                        logger.warning("%s is another folder now; watching that one", folder)
+                if now is not None and self._schedule(folder) and folder not in changed:
+                    changed.append(folder)
+        return changed
 
     def _follow(self, config: Config) -> None:
         """Watch exactly the folders the current config names."""
@@ -175,7 +189,17 @@ class Watcher:
             self._unwatchable &= wanted | {self.config_dir}
             for folder in set(self._watches) - wanted - {self.config_dir}:
                 self._observer.unschedule(self._watches.pop(folder))
+                self._identities.pop(folder, None)
             for folder in wanted - set(self._watches):
                 self._schedule(folder)
-            # Events still queued from a folder's last moments (its files' deletions) must get through.
+            # Not only the watched ones: events a folder's watch queued before it ended must get through.
             self.folders = self._wanted
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """Which directory the path names now (through symlinks), or None when it names none."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None

@@ -320,6 +320,27 @@ def test_a_deleted_folder_keeps_its_model_serving_and_is_watched_again_when_it_c
     assert daemon.get("/healthz").status_code == 200
 
 
+@pytest.mark.parametrize("watch", ["", POLLING], ids=["inotify", "polling"])
+def test_a_folder_renamed_away_and_replaced_by_another_is_the_one_watched(project: Project, start_daemon, watch: str):
+    # inotify's watch follows the folder it was set on, wherever it is renamed to: the new folder at the
+    # path would go unwatched.
+    project.save("colours-v1.pt", good(1))
+    project.write_config(colours_yaml(watch=watch))
+    daemon = start_daemon(project.config)
+    incoming = project.root / "incoming"
+    incoming.mkdir()
+    torch.save(good(2), incoming / "colours-v2.pt")
+
+    subprocess.run(["mv", str(project.checkpoints), str(project.root / "colours.old")], check=True)
+    subprocess.run(["mv", str(incoming), str(project.checkpoints)], check=True)
+
+    daemon.wait_live(project.checkpoints / "colours-v2.pt")
+    torch.save(good(3), project.root / "colours.old" / "colours-v9.pt")  # the old folder is not watched
+    subprocess.run(["cp", str(project.stage("v3.pt", good(3))), str(project.checkpoints / "colours-v3.pt")], check=True)
+    daemon.wait_live(project.checkpoints / "colours-v3.pt")
+    assert daemon.file_status(project.checkpoints / "colours-v9.pt") is None
+
+
 def test_a_folder_missing_at_start_is_watched_once_it_is_moved_in_full(project: Project, start_daemon):
     # The folder arrives with its checkpoint already inside: no event inside it ever fires, only the rescan
     # that follows the new watch can find the file.
