@@ -97,8 +97,12 @@ def test_a_changed_arch_is_validated_before_the_swap_and_the_old_definition_serv
     )
 
     project.write_config(changed)
-    wait_until(lambda: daemon.status()["definition_current"] is False, what="the new definition to be pending")
-    assert "previous definition keeps serving" in daemon.status()["error"]
+    # definition_current turns False with the config; the error comes when the pass over the new folder ends.
+    pending = wait_until(
+        lambda: (s := daemon.status())["definition_current"] is False and s["error"] and s,
+        what="the pass over the new definition's empty folder",
+    )
+    assert "previous definition keeps serving" in pending["error"]
     assert daemon.predict().json()["sha256"] == sha256(old)
 
     squeeze = new_folder / "squeeze-v1.pt"
