@@ -9,6 +9,7 @@ from functools import cache
 import torch
 from torch import nn
 
+from .compute import TRACE_LOCK
 from .errors import CheckpointRejected
 
 Factory = Callable[..., nn.Module]
@@ -70,7 +71,7 @@ def build_model(arch: str, num_classes: int, state_dict: Mapping[str, torch.Tens
     """Build `arch` on the meta device and adopt the state_dict's tensors as its parameters."""
     factory = resolve_factory(arch)
     try:
-        with torch.device("meta"):
+        with TRACE_LOCK, torch.device("meta"):
             model = factory(num_classes=num_classes)
     except Exception as exc:  # a user factory can fail in any way; the gate reports it
         raise CheckpointRejected("structure", f"building {arch}(num_classes={num_classes}) failed: {exc}") from exc
@@ -83,6 +84,7 @@ def build_model(arch: str, num_classes: int, state_dict: Mapping[str, torch.Tens
     model.load_state_dict(cast, strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         # Non-persistent buffers are not in any state_dict, so only a real (costly) init can fill them.
-        model = factory(num_classes=num_classes)
+        with TRACE_LOCK:
+            model = factory(num_classes=num_classes)
         model.load_state_dict(cast, strict=True)
     return model.eval().requires_grad_(False)

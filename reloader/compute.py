@@ -17,6 +17,10 @@ import torch
 logger = logging.getLogger("reloader.compute")
 
 FORWARD_LOCK = threading.Lock()
+# torch.fx patches nn.Module.__call__ for every thread while it traces, so nothing may call a module
+# meanwhile: tracing holds both locks, forwards hold FORWARD_LOCK, and building a model holds this one
+# (a user's factory may run a module to size its layers).
+TRACE_LOCK = threading.Lock()
 RELOAD_NICENESS = 10
 
 

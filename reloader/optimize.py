@@ -15,7 +15,7 @@ import torch
 from torch import fx
 from torch.nn.utils.parametrize import is_parametrized
 
-from .compute import FORWARD_LOCK, run_forward
+from .compute import FORWARD_LOCK, TRACE_LOCK, run_forward
 from .config import ModelConfig
 
 logger = logging.getLogger("reloader.optimize")
@@ -65,11 +65,10 @@ def fold_batchnorms(module: torch.nn.Module, arch: str) -> torch.nn.Module:
 def _foldable_pairs(module: torch.nn.Module) -> list[tuple[str, str]]:
     """(conv, BatchNorm) names where the BatchNorm is the only use of that conv's output, and folding
     changes nothing else the forward does."""
-    # fx patches torch.nn.Module.__call__ for every thread while it traces: a forward pass running
-    # meanwhile (serving, another model's warm-up) would be traced too, and fail. So trace in turn with them.
     tracer = fx.Tracer()
     tracer.proxy_buffer_attributes = True  # a buffer the forward reads shows up by name, like a parameter
-    with FORWARD_LOCK:
+    # A module called in another thread while fx traces would be traced too, and fail: see compute.py.
+    with FORWARD_LOCK, TRACE_LOCK:
         graph = tracer.trace(module)
     calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
     # Attributes the forward reads itself (`self.conv.weight`, `self.bn.running_mean`) must keep their values.

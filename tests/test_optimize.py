@@ -10,7 +10,8 @@ import torchvision
 from conftest import Project, colours_yaml
 from torch import nn
 
-from reloader.compute import FORWARD_LOCK
+from reloader.architectures import build_model
+from reloader.compute import FORWARD_LOCK, TRACE_LOCK
 from reloader.config import load_config
 from reloader.optimize import fold_batchnorms, prepare_module
 from reloader.validation import Gate
@@ -231,8 +232,19 @@ class _SeesTheLock(nn.Module):
         self.traced_under_lock: list[bool] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.traced_under_lock.append(FORWARD_LOCK.locked())
+        self.traced_under_lock.append(FORWARD_LOCK.locked() and TRACE_LOCK.locked())
         return self.norm(self.conv(x))
+
+
+BUILT_UNDER_LOCK: list[bool] = []
+
+
+def sized_by_a_forward(num_classes: int = 3) -> nn.Module:
+    """A factory in the common style that runs its layers once to size the head, as an arch for build_model."""
+    BUILT_UNDER_LOCK.append(TRACE_LOCK.locked())
+    features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    width = features(torch.zeros(1, 3, 8, 8)).shape[1]
+    return nn.Sequential(features, nn.Linear(width, num_classes))
 
 
 def test_tracing_takes_turns_with_forward_passes_because_fx_patches_every_threads_module_calls():
@@ -245,3 +257,14 @@ def test_tracing_takes_turns_with_forward_passes_because_fx_patches_every_thread
     assert model.traced_under_lock == [True]
     assert isinstance(folded.norm, nn.Identity)
     assert not FORWARD_LOCK.locked()
+
+
+def test_a_factory_builds_in_turn_with_tracing_since_it_may_call_its_own_modules():
+    state = {k: torch.ones_like(v) for k, v in sized_by_a_forward().state_dict().items()}
+    BUILT_UNDER_LOCK.clear()
+
+    model = build_model("test_optimize:sized_by_a_forward", 3, state)
+
+    assert BUILT_UNDER_LOCK == [True]
+    assert not TRACE_LOCK.locked()
+    assert isinstance(model, nn.Sequential)
