@@ -99,7 +99,7 @@ class Supervisor:
                 worker.file_event(path, kind)
 
     def rescan_folder(self, folder: Path) -> None:
-        """A folder is watched again after it was gone: look at what it holds now."""
+        """A folder's watch was dropped or set anew (the folder went, came back, or was replaced): look again."""
         for worker in self.workers():
             if worker.folder == folder:
                 worker.rescan()
