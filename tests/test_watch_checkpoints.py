@@ -22,6 +22,7 @@ def good(i: int) -> dict:
 
 
 BAD = colour_state_dict(permute=(1, 0, 2))
+POLLING = "watch:\n  poll: true\n  poll_interval: 0.1\n  settle_ms: 100\n"
 
 
 @pytest.fixture
@@ -274,7 +275,7 @@ def test_zero_requests_fail_under_load_across_ten_good_and_bad_swaps(running):
 
 def test_the_polling_observer_works_without_inotify(project: Project, start_daemon):
     project.save("colours-v1.pt", good(1))
-    project.write_config(colours_yaml(watch="watch:\n  poll: true\n  poll_interval: 0.1\n  settle_ms: 100\n"))
+    project.write_config(colours_yaml(watch=POLLING))
     daemon = start_daemon(project.config)
     assert "with polling" in daemon.log()
 
@@ -294,9 +295,6 @@ def test_the_daemon_serves_a_model_whose_folder_is_filled_only_after_start(proje
 
     daemon.wait_live(project.checkpoints / "colours-v1.pt")
     assert daemon.get("/readyz").status_code == 200
-
-
-POLLING = "watch:\n  poll: true\n  poll_interval: 0.1\n  settle_ms: 100\n"
 
 
 @pytest.mark.parametrize("watch", ["", POLLING], ids=["inotify", "polling"])
