@@ -119,8 +119,8 @@ class Service:
         finally:
             batcher.decoding(live.name, -len(images))
         timeout = self.supervisor.config.server.request_timeout_s
+        follow = follow and len(tensors) == 1
         try:
-            follow = follow and len(tensors) == 1
             rows = await asyncio.gather(*(batcher.submit(live, t, timeout, follow=follow) for t in tensors))
         except Overloaded as exc:
             raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from exc
