@@ -1,4 +1,4 @@
-# `make run` and `make test` each set up everything they need, from a fresh clone.
+# `make run`, `make test` and `make lint` each set up everything they need, from a fresh clone.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -36,8 +36,10 @@ bench: setup
 	$(PY) -m pip install -q -e '.[test,bench]' $(TORCH_PINS)
 	$(PY) -m bench.run
 
+# ruff, then mypy on reloader/ (its settings are [tool.mypy] in pyproject.toml).
 lint: setup
 	$(VENV)/bin/ruff check reloader tests examples bench
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

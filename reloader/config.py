@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
 
@@ -36,23 +37,23 @@ def _resolve(value: Any, info: ValidationInfo) -> Any:
 
 class ServerConfig(_Frozen):
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: PositiveInt = 20_000_000
     default_model: str | None = None
-    request_timeout_s: float = Field(30.0, gt=0)
+    request_timeout_s: float = Field(default=30.0, gt=0)
     # On SIGTERM, requests in flight get this long to finish before the process exits anyway.
-    shutdown_timeout_s: float = Field(30.0, ge=0)
+    shutdown_timeout_s: float = Field(default=30.0, ge=0)
     access_log: bool = True
 
 
 class WatchConfig(_Frozen):
     # inotify misses changes made by other hosts on NFS/SMB and on some container volumes: poll there.
     poll: bool = False
-    poll_interval: float = Field(1.0, gt=0)
+    poll_interval: float = Field(default=1.0, gt=0)
     # An in-place write is loaded once the file has been closed (or, when polling, unchanged) this long.
-    settle_ms: float = Field(200.0, ge=0)
+    settle_ms: float = Field(default=200.0, ge=0)
     # Editors and ConfigMaps touch the config folder several times per save.
-    config_debounce_ms: float = Field(100.0, ge=0)
+    config_debounce_ms: float = Field(default=100.0, ge=0)
 
 
 class Preprocess(_Frozen):
@@ -98,7 +99,7 @@ class Warmup(_Frozen):
 
 class BatchConfig(_Frozen):
     max_size: PositiveInt = 8
-    max_wait_ms: float = Field(2.0, ge=0)
+    max_wait_ms: float = Field(default=2.0, ge=0)
     # Requests waiting beyond this answer 503 with Retry-After instead of queueing without bound.
     queue_size: PositiveInt = 64
 
@@ -176,7 +177,7 @@ class Config(_Frozen):
         return next(iter(self.models)) if len(self.models) == 1 else None
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     where = ".".join(str(part) for part in error["loc"]) or "(top level)"
     ctx = error.get("ctx") or {}
     kind = error["type"]

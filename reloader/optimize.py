@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import cast
 
 import torch
 from torch import fx
@@ -33,7 +34,8 @@ def prepare_module(module: torch.nn.Module, config: ModelConfig) -> torch.nn.Mod
     module = fold_batchnorms(module, config.arch)
     if config.optimize == "compile":
         # Batch 1 is specialised, so a batch of 2 compiles the dynamic-batch graph that later batches reuse.
-        module = torch.compile(module, dynamic=True)
+        # A module in, an OptimizedModule (a Module subclass) out: torch's annotations only say "a callable".
+        module = cast(torch.nn.Module, torch.compile(module, dynamic=True))
         side = config.preprocess.crop
         run_forward(module, torch.zeros(2, 3, side, side))
     return module
@@ -87,7 +89,9 @@ def _foldable_pairs(module: torch.nn.Module) -> list[tuple[str, str]]:
             continue
         conv_name, bn_name = str(source.target), str(node.target)
         conv, bn = module.get_submodule(conv_name), module.get_submodule(bn_name)
-        if not (type(conv) in FOLDABLE and type(bn) in BATCHNORMS and bn.track_running_stats):
+        # Exact types, as FOLDABLE says; the isinstance only tells the type checker what `conv` is.
+        exact = type(conv) in FOLDABLE and type(bn) in BATCHNORMS
+        if not (exact and isinstance(conv, FOLDABLE) and bn.track_running_stats):
             continue
         if calls[conv_name] != 1 or calls[bn_name] != 1 or names[id(conv)] != 1 or names[id(bn)] != 1:
             continue  # called, or reachable, from two places: folded for one, wrong for the other
