@@ -17,20 +17,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .batching import Batcher, Overloaded
-from .errors import InvalidImage
+from .batching import Batcher
+from .errors import (
+    ApiError,
+    InvalidParameter,
+    InvalidRequest,
+    ModelNotFound,
+    ModelNotReady,
+    PayloadTooLarge,
+    Unhealthy,
+)
 from .registry import LiveModel
 from .supervisor import Supervisor
 
 logger = logging.getLogger("reloader.app")
-
-
-class ApiError(HTTPException):
-    """An error answer with a JSON body; `headers` carries Retry-After where it applies."""
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class Service:
@@ -53,14 +53,14 @@ class Service:
         if name is None:
             name = config.default_model
             if name is None:
-                raise ApiError(404, f"no default model: name one of {sorted(config.models)} in the path")
+                raise ModelNotFound(f"no default model: name one of {sorted(config.models)} in the path")
         if name not in config.models:
-            raise ApiError(404, f"unknown model {name!r}; known models: {sorted(config.models)}")
+            raise ModelNotFound(f"unknown model {name!r}; known models: {sorted(config.models)}")
         live = self.registry.get(name)
         if live is None:
             worker = self.supervisor.worker(name)
-            why = (worker.describe()["error"] if worker else None) or "no validated version yet"
-            raise ApiError(503, f"model {name!r} is not ready: {why}", headers={"Retry-After": "5"})
+            why = (worker.found().error if worker else None) or "no validated version yet"
+            raise ModelNotReady(f"model {name!r} is not ready: {why}")
         return name, live
 
     def unready(self) -> list[str]:
@@ -71,12 +71,12 @@ class Service:
         limit = self.supervisor.config.server.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"body of {declared} bytes exceeds max_body_bytes ({limit})")
+            raise PayloadTooLarge(f"body of {declared} bytes exceeds max_body_bytes ({limit})")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise ApiError(413, f"body exceeds max_body_bytes ({limit})")
+                raise PayloadTooLarge(f"body exceeds max_body_bytes ({limit})")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -91,10 +91,10 @@ class Service:
         try:
             form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
         except HTTPException as exc:
-            raise ApiError(400, f"malformed multipart body: {exc.detail}") from exc
+            raise InvalidRequest(f"malformed multipart body: {exc.detail}") from exc
         field = form.get("file")
         if field is None:
-            raise ApiError(400, "multipart body has no 'file' field")
+            raise InvalidRequest("multipart body has no 'file' field")
         return await field.read() if isinstance(field, UploadFile) else field.encode()
 
     async def probabilities(
@@ -102,31 +102,21 @@ class Service:
     ) -> tuple[torch.Tensor, LiveModel]:
         """Decode, preprocess and run images on one live record: [len(images), num_classes], and the record.
 
-        With `follow` (one image only), a newer version that goes live while the image waits may answer."""
+        With `follow` (one image only), a newer version that goes live while the image waits may answer.
+        Raises InvalidImage, Overloaded or RequestTimedOut, which the error handler answers."""
         batcher = self.batcher
-        try:
-            batcher.admit(live, len(images))
-        except Overloaded as exc:
-            raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from exc
+        batcher.admit(live, len(images))
         batcher.decoding(live.name, len(images))
         try:
             decode = live.preprocessor.load
             tensors = await asyncio.gather(
                 *(anyio.to_thread.run_sync(decode, data, limiter=self.decode_limiter) for data in images)
             )
-        except InvalidImage as exc:
-            raise ApiError(400, str(exc)) from exc
         finally:
             batcher.decoding(live.name, -len(images))
         timeout = self.supervisor.config.server.request_timeout_s
         follow = follow and len(tensors) == 1
-        try:
-            rows = await asyncio.gather(*(batcher.submit(live, t, timeout, follow=follow) for t in tensors))
-        except Overloaded as exc:
-            raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from exc
-        except TimeoutError as exc:
-            message = f"timed out after {timeout} s waiting for model {live.name!r}"
-            raise ApiError(503, message, headers={"Retry-After": "1"}) from exc
+        rows = await asyncio.gather(*(batcher.submit(live, t, timeout, follow=follow) for t in tensors))
         return torch.stack([row for row, _ in rows]), rows[0][1]
 
 
@@ -135,9 +125,9 @@ def parse_top_k(request: Request, num_classes: int) -> int:
     try:
         top_k = int(raw)
     except ValueError:
-        raise ApiError(422, f"top_k must be a whole number, got {raw!r}") from None
+        raise InvalidParameter(f"top_k must be a whole number, got {raw!r}") from None
     if top_k < 1:
-        raise ApiError(422, f"top_k must be >= 1, got {top_k}")
+        raise InvalidParameter(f"top_k must be >= 1, got {top_k}")
     return min(top_k, num_classes)
 
 
@@ -154,6 +144,27 @@ def prediction(live: LiveModel, probs: torch.Tensor, top_k: int) -> dict[str, An
     }
 
 
+async def api_error(request: Request, exc: Exception) -> Response:
+    """The one place a domain error becomes an answer: {"error": message}, its status and headers."""
+    assert isinstance(exc, ApiError)
+    return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=dict(exc.headers))
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (no such route, method not allowed), in the same JSON shape."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def unexpected(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
+# Registered once, on the app: handlers and parsers raise, these answer.
+EXCEPTION_HANDLERS = {ApiError: api_error, HTTPException: http_error, Exception: unexpected}
+
+
 def build_app(service: Service, extra_routes: list[Route] | None = None) -> Starlette:
     async def predict(request: Request) -> Response:
         name, live = service.resolve(request.path_params.get("name"))
@@ -168,30 +179,22 @@ def build_app(service: Service, extra_routes: list[Route] | None = None) -> Star
 
     async def model(request: Request) -> Response:
         name = request.path_params["name"]
-        worker = service.supervisor.worker(name)
-        if worker is None:
-            raise ApiError(404, f"unknown model {name!r}")
-        return JSONResponse(worker.describe())
+        described = service.supervisor.describe_model(name)
+        if described is None:
+            raise ModelNotFound(f"unknown model {name!r}")
+        return JSONResponse(described)
 
     async def healthz(request: Request) -> Response:
         dead = service.alive()
         if dead:
-            return error_response(503, f"not healthy: {', '.join(dead)}")
+            raise Unhealthy(f"not healthy: {', '.join(dead)}")
         return JSONResponse({"status": "alive"})
 
     async def readyz(request: Request) -> Response:
         missing = service.unready()
         if missing:
-            return error_response(503, f"models with no live version: {', '.join(missing)}")
+            raise Unhealthy(f"models with no live version: {', '.join(missing)}")
         return JSONResponse({"status": "ready", "models": list(service.supervisor.config.models)})
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
-
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, f"internal error: {type(exc).__name__}")
 
     routes = [
         Route("/predict", predict, methods=["POST"]),
@@ -202,4 +205,4 @@ def build_app(service: Service, extra_routes: list[Route] | None = None) -> Star
         Route("/readyz", readyz),
         *(extra_routes or []),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: unexpected})
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)

@@ -23,11 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .compute import run_forward
+from .errors import Overloaded, RequestTimedOut
 from .registry import LiveModel
-
-
-class Overloaded(Exception):
-    """The model's bounded queue is full; the caller should answer 503 with Retry-After."""
 
 
 @dataclass(eq=False)
@@ -79,7 +76,8 @@ class Batcher:
         self, live: LiveModel, tensor: torch.Tensor, timeout: float, *, follow: bool = False
     ) -> tuple[torch.Tensor, LiveModel]:
         """The image's probabilities, and the version that computed them: `live`, or with `follow` a
-        newer version of the same definition that went live while the image waited."""
+        newer version of the same definition that went live while the image waited. Overloaded when the
+        queue is full, RequestTimedOut after `timeout` seconds."""
         queue = self._queues.setdefault(live.name, deque())
         if len(queue) >= live.config.batch.queue_size:
             raise Overloaded(f"model {live.name!r} has {len(queue)} requests queued, its limit")
@@ -88,6 +86,8 @@ class Batcher:
         self._kick()
         try:
             return await asyncio.wait_for(asyncio.shield(item.future), timeout)
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
+            raise RequestTimedOut(f"timed out after {timeout} s waiting for model {live.name!r}") from None
         finally:
             if not item.future.done():
                 item.future.cancel()  # a timed-out request leaves the queue instead of costing a pass

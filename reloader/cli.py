@@ -7,30 +7,113 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+from . import __version__
 from .errors import ConfigError, UnsafeEnvironment
 
 DEFAULT_CONFIG = "config/models.yaml"
 logger = logging.getLogger("reloader")
 
+# What `reloader --help` says; the module docstring above is for whoever edits this file.
+DESCRIPTION = """\
+Serve PyTorch image classifiers over HTTP and hot-reload them from the filesystem.
+
+Drop a new checkpoint into a model's checkpoints folder, or edit the config, and
+reloader checks the new weights (they load, fit the architecture, are finite and
+label the warm-up images as expected) before it swaps them in. Until then, and
+whenever a checkpoint is rejected, the previous version keeps serving."""
+
+EPILOG = """\
+examples:
+  reloader serve --config config/models.yaml
+  reloader --log-format json serve --config /etc/reloader/models.yaml --port 9000
+  reloader validate --config config/models.yaml --model shapes checkpoints/shapes/shapes-epoch002.pt
+
+exit codes of validate: 0 the checkpoint passes, 1 it is rejected (the report says
+why), 2 a usage or config error.
+
+Run `reloader serve --help` or `reloader validate --help` for a command's options."""
+
+SERVE_DESCRIPTION = """\
+Serve every model in the config, then watch the checkpoints folders and the config:
+a new or changed checkpoint goes live once it passes the validation gate. SIGHUP
+re-reads the config and rescans the folders. SIGTERM or Ctrl-C finishes the
+requests in flight and exits 0 (a second one exits at once); an invalid config
+at start exits 2."""
+
+VALIDATE_DESCRIPTION = """\
+Run the validation gate on one checkpoint, offline, without serving it: the same
+checks serve runs before a swap (load, structure, finite, warmup). Handy in a
+training pipeline's CI.
+
+exit codes: 0 the checkpoint passes, 1 it is rejected (the report says why),
+2 a usage or config error."""
+
+
+def _versions() -> str:
+    """`reloader X (torch Y)`: torch's version from its installed metadata, so --version stays instant."""
+    from importlib import metadata
+
+    try:
+        torch = f" (torch {metadata.version('torch')})"
+    except metadata.PackageNotFoundError:
+        torch = ""
+    return f"reloader {__version__}{torch}"
+
+
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(_versions())
+        parser.exit()
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reloader", description=__doc__)
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
-    parser.add_argument("--log-level", default="INFO")
-    commands = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="reloader", description=DESCRIPTION, epilog=EPILOG, formatter_class=raw)
+    parser.add_argument("--version", action=_VersionAction, help="print the versions of reloader and torch, and exit")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line (default: text)"
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="serve the models of a config and hot-reload them")
-    serve.add_argument("--config", default=DEFAULT_CONFIG, type=Path)
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--no-access-log", dest="access_log", action="store_false", default=None)
+    serve = commands.add_parser(
+        "serve",
+        help="serve the models of a config and hot-reload them",
+        description=SERVE_DESCRIPTION,
+        formatter_class=raw,
+    )
+    serve.add_argument(
+        "--config", default=DEFAULT_CONFIG, type=Path, help=f"the config file (default: {DEFAULT_CONFIG})"
+    )
+    serve.add_argument("--host", help="address to listen on (default: the config's server.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: the config's server.port)")
+    serve.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        default=None,
+        help="no log line per request (default: the config's server.access_log)",
+    )
 
-    validate = commands.add_parser("validate", help="run the validation gate on one checkpoint, offline")
-    validate.add_argument("--config", default=DEFAULT_CONFIG, type=Path)
+    validate = commands.add_parser(
+        "validate",
+        help="run the validation gate on one checkpoint, offline",
+        description=VALIDATE_DESCRIPTION,
+        formatter_class=raw,
+    )
+    validate.add_argument(
+        "--config", default=DEFAULT_CONFIG, type=Path, help=f"the config file (default: {DEFAULT_CONFIG})"
+    )
     validate.add_argument("--model", help="model name in the config (default: the default model)")
     validate.add_argument("--json", action="store_true", help="print the report as JSON")
-    validate.add_argument("file", type=Path)
+    validate.add_argument("file", type=Path, help="the checkpoint file to check")
     return parser
 
 
@@ -45,8 +128,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from .checkpoints import check_environment
     from .config import load_config
+    from .gate import Gate
     from .optimize import prepare_module
-    from .validation import Gate
 
     check_environment()
     config = load_config(args.config)
@@ -55,7 +138,7 @@ def _validate(args: argparse.Namespace) -> int:
         raise ConfigError(f"{config.path}: --model must name one of {sorted(config.models)}, got {name!r}")
     if not args.file.is_file():
         raise ConfigError(f"{args.file}: no such file")
-    _, report = Gate(name, config.models[name], prepare_module).run(args.file)
+    report = Gate(name, config.models[name], prepare_module).judge(args.file).report
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

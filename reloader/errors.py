@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import ClassVar
+
 
 class ReloaderError(Exception):
     """Base class for every error reloader raises on purpose."""
@@ -28,5 +32,73 @@ class CheckpointIncomplete(CheckpointRejected):
     """The file changed while it was read: it is still being written, so it is retried, not rejected."""
 
 
-class InvalidImage(ReloaderError):
-    """A request body (or a warm-up file) is not an image that can be decoded."""
+# What a client caused or should retry. Each class says its HTTP status; the app registers one handler
+# for ApiError that answers {"error": message} with that status and headers. Nothing else picks statuses.
+
+
+class ApiError(ReloaderError):
+    """Base of the errors with an HTTP answer; on its own, HTTP servers should return HTTP_500."""
+
+    status: ClassVar[int] = 500
+    headers: ClassVar[Mapping[str, str]] = MappingProxyType({})
+
+
+class InvalidRequest(ApiError):
+    """The request is malformed. HTTP servers should return HTTP_400."""
+
+    status = 400
+
+
+class InvalidImage(InvalidRequest):
+    """A request body (or a warm-up file) is not an image that can be decoded. HTTP servers should return HTTP_400."""
+
+
+class ModelNotFound(ApiError):
+    """No such model, or (v2) no such version in service. HTTP servers should return HTTP_404."""
+
+    status = 404
+
+
+class PayloadTooLarge(ApiError):
+    """The body exceeds max_body_bytes. HTTP servers should return HTTP_413."""
+
+    status = 413
+
+
+class UnsupportedMediaType(ApiError):
+    """The body is encoded in a way the server does not read. HTTP servers should return HTTP_415."""
+
+    status = 415
+
+
+class InvalidParameter(ApiError):
+    """A well-formed request with a query parameter out of range. HTTP servers should return HTTP_422."""
+
+    status = 422
+
+
+class ModelNotReady(ApiError):
+    """The model has no live version yet. HTTP servers should return HTTP_503 with Retry-After: 5."""
+
+    status = 503
+    headers = MappingProxyType({"Retry-After": "5"})
+
+
+class Overloaded(ApiError):
+    """The model's bounded queue is full. HTTP servers should return HTTP_503 with Retry-After: 1."""
+
+    status = 503
+    headers = MappingProxyType({"Retry-After": "1"})
+
+
+class RequestTimedOut(ApiError):
+    """The request waited longer than request_timeout_s. HTTP servers should return HTTP_503 with Retry-After: 1."""
+
+    status = 503
+    headers = MappingProxyType({"Retry-After": "1"})
+
+
+class Unhealthy(ApiError):
+    """Part of the process is dead, or a model has no live version. HTTP servers should return HTTP_503."""
+
+    status = 503

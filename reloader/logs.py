@@ -7,6 +7,20 @@ import logging
 import sys
 from datetime import datetime, timezone
 
+from .events import (
+    CheckpointJudged,
+    CheckpointSeen,
+    ConfigApplied,
+    ConfigRejected,
+    Event,
+    Outcome,
+    ReloadFailed,
+    SourceStatus,
+)
+
+# Named as before the reload core was split, so log filters on the logger name keep working.
+_checkpoint_log = logging.getLogger("reloader.jobs")
+_config_log = logging.getLogger("reloader.supervisor")
 # uvicorn attaches an ANSI-coloured copy of some messages; JSON consumers want the plain one only.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
@@ -55,3 +69,74 @@ def setup_logging(fmt: str = "text", level: str = "INFO", access_log: bool = Tru
         inotify.addFilter(_ShutdownRace())
     # Python warnings (torch's among them) would otherwise be bare stderr text between JSON lines.
     logging.captureWarnings(True)
+
+
+def log_event(event: Event) -> None:
+    """A bus subscriber: one log line per event (two for a swap: validated, then live)."""
+    if isinstance(event, CheckpointSeen):
+        _checkpoint_log.info(
+            "model %s: checkpoint %s seen (%s)",
+            event.model,
+            event.path.name,
+            event.how.value,
+            extra={"event": "checkpoint_seen", "model": event.model, "file": str(event.path), "how": event.how.value},
+        )
+    elif isinstance(event, CheckpointJudged):
+        _log_judged(event)
+    elif isinstance(event, ReloadFailed):
+        pass  # logged with its traceback where it happened
+    elif isinstance(event, SourceStatus):
+        fields = {"event": "source_error", "model": event.model, "source": event.location, "error": event.error}
+        if event.error is None:
+            _checkpoint_log.info("model %s: %s can be read again", event.model, event.location, extra=fields)
+        else:
+            _checkpoint_log.warning("model %s: %s", event.model, event.error, extra=fields)
+    elif isinstance(event, ConfigApplied):
+        config = event.config
+        _config_log.info(
+            "config loaded from %s: models %s",
+            config.path,
+            ", ".join(config.models) or "(none)",
+            extra={"event": "config_loaded", "config": str(config.path), "models": list(config.models)},
+        )
+    elif isinstance(event, ConfigRejected):
+        _config_log.error(
+            "config rejected, the running config stays: %s",
+            event.error,
+            extra={"event": "config_rejected", "config": str(event.path), "error": event.error},
+        )
+
+
+def _log_judged(event: CheckpointJudged) -> None:
+    fields = {"model": event.model, "file": str(event.path), "sha256": event.sha256}
+    if event.outcome is Outcome.REJECTED:
+        fields |= {"event": "checkpoint_rejected", "reason": event.reason}
+        _checkpoint_log.warning("model %s: rejected %s: %s", event.model, event.path.name, event.reason, extra=fields)
+    if event.outcome is not Outcome.SWAPPED:
+        return
+    checks = {c.name: c.ms for c in event.report.checks}
+    _checkpoint_log.info(
+        "model %s: %s passed validation (%s)",
+        event.model,
+        event.path.name,
+        ", ".join(f"{name} {ms:.0f} ms" for name, ms in checks.items()),
+        extra={**fields, "event": "checkpoint_validated", "timings_ms": checks},
+    )
+    since = event.since_detected_ms
+    _checkpoint_log.info(
+        "model %s: version %s live (%s, sha256 %s) in %.0f ms%s, replacing %s",
+        event.model,
+        event.version,
+        event.path.name,
+        (event.sha256 or "")[:12],
+        event.report.total_ms,
+        "" if since is None else f", {since:.0f} ms after it was seen",
+        "nothing" if event.previous_version is None else f"version {event.previous_version}",
+        extra={
+            **fields,
+            "event": "checkpoint_swapped",
+            "version": event.version,
+            "previous_version": event.previous_version,
+            "timings_ms": event.timings_ms(),
+        },
+    )

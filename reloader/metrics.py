@@ -1,4 +1,4 @@
-"""Prometheus metrics at /metrics: counters fed by the daemon's hooks, state read from the daemon at scrape time.
+"""Prometheus metrics at /metrics: counters fed by the event bus and the request path, state read at scrape time.
 
 Each daemon has its own CollectorRegistry, so several daemons (or tests) in one process never share series.
 Labels are model names from the config and route templates, never raw paths, so cardinality stays bounded.
@@ -19,10 +19,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .batching import Batcher
-from .config import Config
-from .jobs import Outcome
+from .events import CheckpointJudged, ConfigApplied, ConfigRejected, Event, Outcome, ReloadFailed, SourceStatus
 from .supervisor import Supervisor
-from .validation import ValidationReport
+from .threads import Parts
+from .watcher import Watcher
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Loading and validating spans milliseconds (a tiny net) to minutes (a large one compiled at warm-up).
@@ -62,6 +62,9 @@ class Metrics:
         self.config_reloads = Counter(
             "reloader_config_reloads", "Config file reloads, by result (applied, rejected)", ["result"], registry=r
         )
+        self.source_errors = Counter(
+            "reloader_source_errors", "Times a model's checkpoint source became unreadable", ["model"], registry=r
+        )
 
     # -- hooks, called from the event loop (requests, batches) and the reload threads (outcomes) --------
 
@@ -73,30 +76,28 @@ class Metrics:
         self.batch_size.labels(model).observe(size)
         self.forward.labels(model).observe(seconds)
 
-    def outcome(self, outcome: Outcome) -> None:
-        if outcome.kind == "swapped":
-            self.swaps.labels(outcome.model).inc()
-        elif outcome.kind == "rejected":
-            self.rejections.labels(outcome.model, failed_check(outcome.report)).inc()
-        elif outcome.kind == "error":
-            self.reload_errors.labels(outcome.model).inc()
-        if outcome.report is not None:
-            self.reload_duration.labels(outcome.model, outcome.kind).observe(outcome.report.total_ms / 1000.0)
-
-    def config_loaded(self, config: Config | None, error: str | None) -> None:
-        self.config_reloads.labels("applied" if error is None else "rejected").inc()
+    def on_event(self, event: Event) -> None:
+        """A bus subscriber: swaps, rejections, failed passes, config reloads and source errors."""
+        if isinstance(event, CheckpointJudged):
+            if event.outcome is Outcome.SWAPPED:
+                self.swaps.labels(event.model).inc()
+            elif event.outcome is Outcome.REJECTED:
+                self.rejections.labels(event.model, failed_check(event)).inc()
+            self.reload_duration.labels(event.model, event.outcome.value).observe(event.report.total_ms / 1000.0)
+        elif isinstance(event, ReloadFailed):
+            self.reload_errors.labels(event.model).inc()
+        elif isinstance(event, ConfigApplied) and not event.initial:
+            self.config_reloads.labels("applied").inc()
+        elif isinstance(event, ConfigRejected):
+            self.config_reloads.labels("rejected").inc()
+        elif isinstance(event, SourceStatus) and event.error is not None:
+            self.source_errors.labels(event.model).inc()
 
     # -- wiring -----------------------------------------------------------------------------------------
 
-    def observe(
-        self,
-        supervisor: Supervisor,
-        batcher: Batcher,
-        dead_parts: Callable[[], list[str]],
-        watcher_alive: Callable[[], bool],
-    ) -> None:
+    def observe(self, supervisor: Supervisor, batcher: Batcher, parts: Parts) -> None:
         """Also report, at each scrape: live versions, queue depths, liveness and the config's age."""
-        self.registry.register(_State(supervisor, batcher, dead_parts, watcher_alive))
+        self.registry.register(_State(supervisor, batcher, parts))
 
     def route(self) -> Route:
         async def metrics(request: Request) -> Response:
@@ -106,25 +107,18 @@ class Metrics:
         return Route("/metrics", metrics)
 
 
-def failed_check(report: ValidationReport | None) -> str:
+def failed_check(event: CheckpointJudged) -> str:
     """The rejection's category: the gate check that failed (load/structure/finite/warmup)."""
-    failed = next((c.name for c in report.checks if not c.passed), None) if report else None
+    failed = event.report.failed_check
     # Every check passed but the file's digest moved while it was read: it was replaced mid-validation.
-    return failed or "changed"
+    return "changed" if failed is None else failed.name
 
 
 class _State(Collector):
-    def __init__(
-        self,
-        supervisor: Supervisor,
-        batcher: Batcher,
-        dead_parts: Callable[[], list[str]],
-        watcher_alive: Callable[[], bool],
-    ) -> None:
+    def __init__(self, supervisor: Supervisor, batcher: Batcher, parts: Parts) -> None:
         self.supervisor = supervisor
         self.batcher = batcher
-        self.dead_parts = dead_parts
-        self.watcher_alive = watcher_alive
+        self.parts = parts
 
     def collect(self) -> Iterable[Metric]:
         supervisor = self.supervisor
@@ -141,13 +135,12 @@ class _State(Collector):
             ready.add_metric([name], float(name in live))
             depth.add_metric([name], self.batcher.queue_depth(name))
         yield from (info, version, ready, depth)
+        dead = self.parts.dead()
         yield GaugeMetricFamily(
-            "reloader_up",
-            "1 while the file watcher and reload workers run (as /healthz)",
-            value=0 if self.dead_parts() else 1,
+            "reloader_up", "1 while the file watcher and reload workers run (as /healthz)", value=0 if dead else 1
         )
         yield GaugeMetricFamily(
-            "reloader_watcher_alive", "1 while the file watcher runs", value=int(self.watcher_alive())
+            "reloader_watcher_alive", "1 while the file watcher runs", value=int(Watcher.PART not in dead)
         )
         age = time.time() - supervisor.config_loaded_at
         yield GaugeMetricFamily("reloader_config_age_seconds", "Seconds since the config last loaded", value=age)

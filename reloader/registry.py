@@ -7,15 +7,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from .config import ModelConfig
 from .images import Preprocessor
-
-if TYPE_CHECKING:
-    from .validation import ValidationReport
+from .report import ValidationReport
 
 
 @dataclass(frozen=True, eq=False)

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,18 +18,23 @@ from .app import Service, build_app
 from .batching import Batcher
 from .checkpoints import check_environment
 from .config import Config
-from .jobs import Outcome
+from .events import CheckpointJudged, ConfigRejected, Event, EventBus, Outcome
+from .logs import log_event
 from .metrics import Metrics, RequestMetrics
 from .notify import Notifier
 from .optimize import prepare_module
 from .registry import Registry
 from .supervisor import Supervisor
+from .threads import Parts
 from .v2 import v2_routes
 from .watcher import Watcher
 
 logger = logging.getLogger("reloader.server")
 
 
+# The hooks overridden here (capture_signals, handle_exit, startup, on_tick) and the attributes read
+# (should_exit, force_exit, started) are uvicorn internals, not public API: tests/test_uvicorn_contract.py
+# fails when a uvicorn release changes them, and pyproject.toml bounds uvicorn to the series it passed on.
 class _Server(uvicorn.Server):
     """uvicorn, plus SIGHUP, systemd notifications and watchdog pings, and exit 0 on SIGTERM."""
 
@@ -65,7 +71,7 @@ class _Server(uvicorn.Server):
         self.daemon.notifier.stopping()
         self.should_exit = True
 
-    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
             self.daemon.notifier.ready(self.daemon.summary())
@@ -81,7 +87,7 @@ class _Server(uvicorn.Server):
 
 
 class Daemon:
-    """One process serving one config file."""
+    """One process serving one config file: its parts, wired by one event bus."""
 
     def __init__(
         self,
@@ -94,15 +100,19 @@ class Daemon:
     ) -> None:
         check_environment()
         self.notifier = notifier or Notifier()
+        self.bus = EventBus()
+        self.bus.subscribe(log_event)
         self.metrics = Metrics()
+        self.bus.subscribe(self.metrics.on_event)
+        self.bus.subscribe(self._on_event)
         self.registry = Registry()
-        self.supervisor = Supervisor(
-            config, self.registry, prepare=prepare_module, on_outcome=self._on_outcome, on_config=self._on_config
-        )
-        self.watcher = Watcher(self.supervisor)
+        self.supervisor = Supervisor(config, self.registry, self.bus, prepare=prepare_module)
+        self.watcher = Watcher(self.supervisor, self.bus)
+        # In start order; stopped in reverse, and /healthz names the ones whose threads ended.
+        self.parts = Parts([(Supervisor.PART, self.supervisor), (Watcher.PART, self.watcher)])
         self.batcher = Batcher(current=self.registry.get, on_batch=self.metrics.batch_done)
-        self.metrics.observe(self.supervisor, self.batcher, self.dead_parts, self.watcher.is_alive)
-        self.service = Service(self.supervisor, self.batcher, self.dead_parts)
+        self.metrics.observe(self.supervisor, self.batcher, self.parts)
+        self.service = Service(self.supervisor, self.batcher, self.parts.dead)
         self.app = build_app(self.service, [*v2_routes(self.service), self.metrics.route()])
         self.app.add_middleware(RequestMetrics, metrics=self.metrics, models=lambda: self.supervisor.config.models)
         server = config.server
@@ -114,18 +124,14 @@ class Daemon:
                 access_log=server.access_log if access_log is None else access_log,
                 log_config=None,
                 lifespan="off",
-                timeout_graceful_shutdown=server.shutdown_timeout_s,
+                # uvicorn annotates an int but hands it to asyncio.wait_for, which takes seconds as a float.
+                timeout_graceful_shutdown=server.shutdown_timeout_s,  # type: ignore[arg-type]
             ),
             self,
         )
 
     def dead_parts(self) -> list[str]:
-        dead = []
-        if not self.watcher.is_alive():
-            dead.append("file watcher")
-        if not self.supervisor.is_alive():
-            dead.append("reload workers")
-        return dead
+        return self.parts.dead()
 
     def summary(self) -> str:
         live = self.registry.snapshot()
@@ -144,17 +150,13 @@ class Daemon:
         self.supervisor.wait_idle(timeout=300)
         self.notifier.ready(self.summary())
 
-    def _on_outcome(self, outcome: Outcome) -> None:
-        self.metrics.outcome(outcome)
-        if outcome.kind in ("swapped", "rejected"):
-            file = outcome.path.rsplit("/", 1)[-1] if outcome.path else "?"
-            what = "live" if outcome.kind == "swapped" else f"rejected ({outcome.reason})"
-            self.notifier.status(f"{outcome.model}: {file} {what}; {self.summary()}")
-
-    def _on_config(self, config: Config | None, error: str | None) -> None:
-        self.metrics.config_loaded(config, error)
-        if error is not None:
-            self.notifier.status(f"config rejected: {error}")
+    def _on_event(self, event: Event) -> None:
+        """systemd's status line follows swaps, rejections and rejected configs."""
+        if isinstance(event, CheckpointJudged) and event.outcome in (Outcome.SWAPPED, Outcome.REJECTED):
+            what = "live" if event.outcome is Outcome.SWAPPED else f"rejected ({event.reason})"
+            self.notifier.status(f"{event.model}: {event.path.name} {what}; {self.summary()}")
+        elif isinstance(event, ConfigRejected):
+            self.notifier.status(f"config rejected: {event.error}")
 
     def run(self) -> int:
         """Load every model, then serve until SIGTERM/SIGINT. Returns the exit code."""
@@ -163,18 +165,17 @@ class Daemon:
             self.supervisor.config_path,
             extra={"event": "start", "config": str(self.supervisor.config_path)},
         )
-        self.supervisor.start()
-        self.supervisor.wait_idle()
-        # Everything allocated so far (torch, the models' modules) lives as long as the process: keep
-        # it out of the collector, so the gc.collect() after each swap takes milliseconds, not 150.
-        gc.freeze()
-        logger.info("initial load done: %s", self.summary(), extra={"event": "loaded"})
-        self.watcher.start()
         try:
+            self.parts.start(Supervisor.PART)
+            self.supervisor.wait_idle()
+            # Everything allocated so far (torch, the models' modules) lives as long as the process: keep
+            # it out of the collector, so the gc.collect() after each swap takes milliseconds, not 150.
+            gc.freeze()
+            logger.info("initial load done: %s", self.summary(), extra={"event": "loaded"})
+            self.parts.start(Watcher.PART)
             self.server.run()
         finally:
-            self.watcher.stop()
-            self.supervisor.stop()
+            self.parts.stop()
             self.batcher.close()
             self.notifier.close()
         code = 1 if self.server.force_exit else 0

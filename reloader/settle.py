@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 from .config import WatchConfig
@@ -20,11 +21,22 @@ CREATED_GRACE_S = 0.025
 # A file that failed while it was still changing is looked at again after this long at least.
 MIN_RETRY_S = 0.05
 
-IMMEDIATE = ("moved", "closed", "deleted")
+
+class FileEvent(str, Enum):
+    """What a watcher saw happen to a checkpoint file."""
+
+    MOVED = "moved"  # renamed into place: finished
+    CLOSED = "closed"  # closed after writing: finished
+    CREATED = "created"
+    WRITTEN = "written"
+    DELETED = "deleted"
+
+
+IMMEDIATE = (FileEvent.MOVED, FileEvent.CLOSED, FileEvent.DELETED)
 
 
 class Settling:
-    """Per-file deadlines. Not thread-safe: its owner (a ModelWorker) calls it under its own lock."""
+    """Per-file deadlines. Not thread-safe: its owner (a LocalFolder) calls it under its own lock."""
 
     def __init__(self, watch: WatchConfig) -> None:
         self.watch = watch
@@ -35,21 +47,21 @@ class Settling:
     def settle_s(self) -> float:
         return self.watch.settle_ms / 1000.0
 
-    def event(self, path: Path, kind: str, now: float) -> bool:
+    def event(self, path: Path, kind: FileEvent, now: float) -> bool:
         """Record a watcher event; True when it calls for a pass right away."""
-        if kind in ("moved", "closed"):
+        if kind in (FileEvent.MOVED, FileEvent.CLOSED):
             self._writing.discard(path)
             self._due[path] = now
-        elif kind == "created":
+        elif kind is FileEvent.CREATED:
             if path not in self._writing:
                 self._due[path] = now + (self.settle_s if self.watch.poll else CREATED_GRACE_S)
-        elif kind == "written":
+        elif kind is FileEvent.WRITTEN:
             if self.watch.poll:
                 self._due[path] = now + self.settle_s
             else:
                 self._writing.add(path)
                 self._due[path] = now + max(QUIET_WITHOUT_CLOSE_S, self.settle_s)
-        elif kind == "deleted":
+        elif kind is FileEvent.DELETED:
             self._writing.discard(path)
             self._due.pop(path, None)
         else:

@@ -5,9 +5,11 @@ base64, since image bytes are not UTF-8), and one output, the probabilities (FP3
 with the classification extension, the top k as "score:index:label" strings. A request runs on one live
 record from start to end, through the same decoding and batching as /predict.
 
-Statuses: an unknown model is 404, a model with no live version 503 with Retry-After (it is expected
-to become ready, which 400 would not say), a version other than the live one 404 naming the live one,
-and any malformed request 400. Compressed request bodies (Content-Encoding) are refused with 415.
+Errors are raised as the classes of reloader/errors.py, which name their statuses: an unknown model is
+ModelNotFound, a model with no live version ModelNotReady (it is expected to become ready, which
+InvalidRequest would not say), a version other than the live one ModelNotFound naming the live one, and
+any malformed request InvalidRequest. Compressed request bodies (Content-Encoding) are
+UnsupportedMediaType.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import __version__
-from .app import ApiError, Service, error_response
+from .app import Service
+from .errors import InvalidRequest, ModelNotFound, Unhealthy, UnsupportedMediaType
 from .registry import LiveModel
 
 INPUT = "IMAGE"
@@ -54,33 +57,34 @@ class InferRequest:
 def _int(value: Any, what: str, minimum: int) -> int:
     # bool is an int in Python, but `true` is no size in JSON.
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ApiError(400, f"{what} must be an integer >= {minimum}, got {value!r}")
+        raise InvalidRequest(f"{what} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
 def _bool(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
-        raise ApiError(400, f"{what} must be true or false, got {value!r}")
+        raise InvalidRequest(f"{what} must be true or false, got {value!r}")
     return value
 
 
 def _dict(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise ApiError(400, f"{what} must be a JSON object, got {type(value).__name__}")
+        raise InvalidRequest(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
 
 
 def split_bytes(raw: bytes) -> list[bytes]:
     """A binary BYTES tensor: each element is a 4-byte little-endian length, then that many bytes."""
-    elements, offset = [], 0
+    elements: list[bytes] = []
+    offset = 0
     while offset < len(raw):
         if len(raw) - offset < 4:
-            raise ApiError(400, f"binary BYTES element {len(elements)}: {len(raw) - offset} bytes left, no length")
+            raise InvalidRequest(f"binary BYTES element {len(elements)}: {len(raw) - offset} bytes left, no length")
         (size,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if size > len(raw) - offset:
-            raise ApiError(
-                400, f"binary BYTES element {len(elements)} claims {size} bytes, only {len(raw) - offset} remain"
+            raise InvalidRequest(
+                f"binary BYTES element {len(elements)} claims {size} bytes, only {len(raw) - offset} remain"
             )
         elements.append(raw[offset : offset + size])
         offset += size
@@ -93,7 +97,7 @@ def join_bytes(elements: list[bytes]) -> bytes:
 
 def _flatten(data: Any) -> list[Any]:
     # The protocol allows row-major nested lists as well as a flat list. A loop, not recursion: JSON
-    # nested a thousand deep must be a 400, not a RecursionError.
+    # nested a thousand deep must be an InvalidRequest, not a RecursionError.
     flat: list[Any] = []
     stack = [data]
     while stack:
@@ -107,15 +111,15 @@ def _flatten(data: Any) -> list[Any]:
 
 def _json_images(tensor: dict[str, Any]) -> list[bytes]:
     if "data" not in tensor:
-        raise ApiError(400, f"input {INPUT!r} has neither 'data' nor parameters.binary_data_size")
+        raise InvalidRequest(f"input {INPUT!r} has neither 'data' nor parameters.binary_data_size")
     images = []
     for i, element in enumerate(_flatten(tensor["data"])):
         if not isinstance(element, str):
-            raise ApiError(400, f"input {INPUT!r} element {i}: expected a base64 string, got {type(element).__name__}")
+            raise InvalidRequest(f"input {INPUT!r} element {i}: expected a base64 string, got {type(element).__name__}")
         try:
             images.append(base64.b64decode(element, validate=True))
         except (binascii.Error, ValueError) as exc:
-            raise ApiError(400, f"input {INPUT!r} element {i} is not valid base64: {exc}") from None
+            raise InvalidRequest(f"input {INPUT!r} element {i} is not valid base64: {exc}") from None
     return images
 
 
@@ -124,43 +128,43 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> Infe
     binary = b""
     if header_length is not None:
         if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
-            raise ApiError(400, f"{HEADER_LENGTH} {header_length!r} is not a length within the {len(body)}-byte body")
+            raise InvalidRequest(f"{HEADER_LENGTH} {header_length!r} is not a length within the {len(body)}-byte body")
         body, binary = body[: int(header_length)], body[int(header_length) :]
     try:
         doc = _dict(json.loads(body), "the request")
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ApiError(400, f"the request header is not valid JSON: {exc}") from None
+        raise InvalidRequest(f"the request header is not valid JSON: {exc}") from None
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         count = len(inputs) if isinstance(inputs, list) else "no"
-        raise ApiError(400, f"expected exactly one input, {INPUT!r} (BYTES), got {count} inputs")
+        raise InvalidRequest(f"expected exactly one input, {INPUT!r} (BYTES), got {count} inputs")
     tensor = _dict(inputs[0], "inputs[0]")
     if tensor.get("name") != INPUT:
-        raise ApiError(400, f"unknown input {tensor.get('name')!r}: the only input is {INPUT!r}")
+        raise InvalidRequest(f"unknown input {tensor.get('name')!r}: the only input is {INPUT!r}")
     if tensor.get("datatype") != "BYTES":
-        raise ApiError(400, f"input {INPUT!r} has datatype BYTES (encoded images), got {tensor.get('datatype')!r}")
+        raise InvalidRequest(f"input {INPUT!r} has datatype BYTES (encoded images), got {tensor.get('datatype')!r}")
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not shape:
-        raise ApiError(400, f"input {INPUT!r} needs a shape such as [n], got {shape!r}")
+        raise InvalidRequest(f"input {INPUT!r} needs a shape such as [n], got {shape!r}")
     shape = [_int(d, f"input {INPUT!r} shape dimension", 0) for d in shape]
     params = _dict(tensor.get("parameters", {}), f"input {INPUT!r} parameters")
     if any(key.startswith("shared_memory") for key in params):
-        raise ApiError(400, "shared memory is not supported: send the data in the request")
+        raise InvalidRequest("shared memory is not supported: send the data in the request")
     if "binary_data_size" in params:
         size = _int(params["binary_data_size"], "binary_data_size", 0)
         if size != len(binary):
-            raise ApiError(400, f"binary_data_size is {size} but {len(binary)} bytes follow the JSON header")
+            raise InvalidRequest(f"binary_data_size is {size} but {len(binary)} bytes follow the JSON header")
         images = split_bytes(binary)
     elif binary:
-        raise ApiError(400, f"{len(binary)} bytes follow the JSON header but no input declares binary_data_size")
+        raise InvalidRequest(f"{len(binary)} bytes follow the JSON header but no input declares binary_data_size")
     else:
         images = _json_images(tensor)
     if math.prod(shape) != len(images):
-        raise ApiError(400, f"input {INPUT!r} has shape {shape} but carries {len(images)} elements")
+        raise InvalidRequest(f"input {INPUT!r} has shape {shape} but carries {len(images)} elements")
     if not images:
-        raise ApiError(400, f"input {INPUT!r} carries no images")
+        raise InvalidRequest(f"input {INPUT!r} carries no images")
     if len(images) > max_images:
-        raise ApiError(400, f"{len(images)} images in one request; the limit is {max_images} (batch.queue_size)")
+        raise InvalidRequest(f"{len(images)} images in one request; the limit is {max_images} (batch.queue_size)")
     request_params = _dict(doc.get("parameters", {}), "parameters")
     binary_default = _bool(request_params.get("binary_data_output", False), "binary_data_output")
     request_id = doc.get("id")
@@ -173,13 +177,13 @@ def _outputs(doc: dict[str, Any], binary_default: bool) -> list[Requested]:
         return [Requested(binary_default)]  # none requested: every output, as Triton does
     if not isinstance(outputs, list) or len(outputs) != 1:
         count = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
-        raise ApiError(400, f"outputs must list at most one output, {OUTPUT!r}; got {count}")
+        raise InvalidRequest(f"outputs must list at most one output, {OUTPUT!r}; got {count}")
     output = _dict(outputs[0], "outputs[0]")
     if output.get("name") != OUTPUT:
-        raise ApiError(400, f"unknown output {output.get('name')!r}: the only output is {OUTPUT!r}")
+        raise InvalidRequest(f"unknown output {output.get('name')!r}: the only output is {OUTPUT!r}")
     params = _dict(output.get("parameters", {}), f"output {OUTPUT!r} parameters")
     if any(key.startswith("shared_memory") for key in params):
-        raise ApiError(400, "shared memory is not supported: outputs come back in the response")
+        raise InvalidRequest("shared memory is not supported: outputs come back in the response")
     binary = _bool(params.get("binary_data", binary_default), "binary_data")
     classes = _int(params.get("classification", 0), "classification", 0)
     return [Requested(binary, classes)]
@@ -218,19 +222,19 @@ def v2_routes(service: Service) -> list[Route]:
         version = request.path_params.get("version")
         if version is not None and version != str(live.version):
             message = f"model {name!r} has no version {version!r} in service; the live version is {live.version}"
-            raise ApiError(404, message)
+            raise ModelNotFound(message)
         return live
 
     async def server_live(request: Request) -> Response:
         dead = service.alive()
         if dead:
-            return error_response(503, f"not healthy: {', '.join(dead)}")
+            raise Unhealthy(f"not healthy: {', '.join(dead)}")
         return JSONResponse({"live": True})
 
     async def server_ready(request: Request) -> Response:
         missing = service.unready()
         if missing:
-            return error_response(503, f"models with no live version: {', '.join(missing)}")
+            raise Unhealthy(f"models with no live version: {', '.join(missing)}")
         return JSONResponse({"ready": True})
 
     async def server_metadata(request: Request) -> Response:
@@ -255,7 +259,7 @@ def v2_routes(service: Service) -> list[Route]:
     async def infer(request: Request) -> Response:
         live = live_model(request)
         if request.headers.get("content-encoding", "identity") != "identity":
-            raise ApiError(415, f"Content-Encoding {request.headers['content-encoding']!r} is not supported")
+            raise UnsupportedMediaType(f"Content-Encoding {request.headers['content-encoding']!r} is not supported")
         body = await service.read_body(request)
         # Parsing megabytes of JSON and base64 is CPU work: keep it off the event loop.
         parsed = await anyio.to_thread.run_sync(

@@ -31,7 +31,10 @@ from watchdog.observers.polling import PollingObserver
 
 from .checkpoints import is_checkpoint_name
 from .config import Config
+from .events import ConfigApplied, Event, EventBus
+from .settle import FileEvent
 from .supervisor import Supervisor
+from .threads import LoopThread
 
 logger = logging.getLogger("reloader.watcher")
 
@@ -53,20 +56,20 @@ class _Handler(FileSystemEventHandler):
         if event.is_directory:
             return
         if isinstance(event, FileMovedEvent):
-            self._checkpoint(src, "deleted")
+            self._checkpoint(src, FileEvent.DELETED)
             if dest is not None:
-                self._checkpoint(dest, "moved")
+                self._checkpoint(dest, FileEvent.MOVED)
         elif isinstance(event, FileClosedEvent):
-            self._checkpoint(src, "closed")
+            self._checkpoint(src, FileEvent.CLOSED)
         elif isinstance(event, FileCreatedEvent):
-            self._checkpoint(src, "created")
+            self._checkpoint(src, FileEvent.CREATED)
         elif isinstance(event, FileModifiedEvent):
-            self._checkpoint(src, "written")
+            self._checkpoint(src, FileEvent.WRITTEN)
         elif isinstance(event, FileDeletedEvent):
-            self._checkpoint(src, "deleted")
+            self._checkpoint(src, FileEvent.DELETED)
         # opened / closed-without-write events come from readers (our own loads among them): ignored.
 
-    def _checkpoint(self, path: Path, kind: str) -> None:
+    def _checkpoint(self, path: Path, kind: FileEvent) -> None:
         if path.parent in self._watcher.folders and is_checkpoint_name(path.name):
             self._watcher.supervisor.file_event(path, kind)
 
@@ -75,11 +78,17 @@ def _text(path: str | bytes) -> str:
     return path.decode() if isinstance(path, bytes) else path
 
 
-class Watcher:
-    """Watches the config's folder and every model's checkpoints folder, following config edits."""
+class Watcher(LoopThread):
+    """Watches the config's folder and every model's checkpoints folder, following config edits.
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    Its own thread is the repair loop; watchdog's observer runs the handler on a thread of its own."""
+
+    PART = "file watcher"  # its name among the daemon's parts, as /healthz reports it
+
+    def __init__(self, supervisor: Supervisor, bus: EventBus) -> None:
+        super().__init__("watch-repair")
         self.supervisor = supervisor
+        self._bus = bus
         self.config_dir = supervisor.config_path.parent
         self.config_name = supervisor.config_path.name
         watch = supervisor.config.watch
@@ -91,8 +100,6 @@ class Watcher:
         self._identities: dict[Path, tuple[int, int] | None] = {}  # (st_dev, st_ino) of what each watch watches
         self._wanted: frozenset[Path] = frozenset()
         self._unwatchable: set[Path] = set()  # already logged as missing or failing
-        self._stop = threading.Event()
-        self._repairer = threading.Thread(target=self._repair_loop, name="watch-repair", daemon=True)
         self.folders: frozenset[Path] = frozenset()
 
     def is_config_path(self, path: Path | None) -> bool:
@@ -107,8 +114,8 @@ class Watcher:
         self._observer.start()
         self._schedule(self.config_dir)
         self._follow(self.supervisor.config)
-        self.supervisor.config_listeners.append(self._follow)
-        self._repairer.start()
+        self._bus.subscribe(self._on_event)
+        super().start()
         logger.info(
             "watching %s and %d checkpoint folder(s) with %s",
             self.config_dir,
@@ -117,16 +124,14 @@ class Watcher:
         )
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._repairer.is_alive():
-            self._repairer.join()
+        super().stop()
         self._observer.stop()
         if self._observer.is_alive():
             self._observer.join()
 
     def is_alive(self) -> bool:
         """The dispatch thread and the repair loop run; a deleted folder's ended watch is the loop's to mend."""
-        return self._observer.is_alive() and self._repairer.is_alive()
+        return self._observer.is_alive() and super().is_alive()
 
     def _schedule(self, folder: Path) -> bool:
         # Read before scheduling: if the folder is replaced in between, the next repair sees a mismatch.
@@ -143,17 +148,17 @@ class Watcher:
             self._unwatchable.discard(folder)
         return True
 
-    def _repair_loop(self) -> None:
-        while not self._stop.wait(REPAIR_INTERVAL_S):
-            try:
-                changed = self._repair()
-            except Exception:  # never let one failed repair end the loop that keeps the daemon healthy
-                logger.exception("repairing folder watches failed")
-                continue
-            for folder in changed:
-                if folder == self.config_dir:
-                    self.supervisor.config_touched()
-                self.supervisor.rescan_folder(folder)
+    def tick(self) -> float:
+        try:
+            changed = self._repair()
+        except Exception:  # never let one failed repair end the loop that keeps the daemon healthy
+            logger.exception("repairing folder watches failed")
+            return REPAIR_INTERVAL_S
+        for folder in changed:
+            if folder == self.config_dir:
+                self.supervisor.config_touched()
+            self.supervisor.rescan_folder(folder)
+        return REPAIR_INTERVAL_S
 
     def _repair(self) -> list[Path]:
         """Drop watches whose folder went away or was replaced, and watch what is at the path now.
@@ -178,6 +183,10 @@ class Watcher:
                 if now is not None and self._schedule(folder) and folder not in changed:
                     changed.append(folder)
         return changed
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, ConfigApplied):
+            self._follow(event.config)
 
     def _follow(self, config: Config) -> None:
         """Watch exactly the folders the current config names."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import io
 import signal
 import threading
@@ -9,7 +11,13 @@ import threading
 import httpx
 from conftest import Project, colours_yaml, png_bytes, sha256, wait_until
 from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Route
 from tinynet import colour_state_dict
+
+from reloader import errors
+from reloader.app import EXCEPTION_HANDLERS
 
 
 def test_predict_returns_the_documented_answer_for_a_raw_body(project: Project, start_daemon):
@@ -72,6 +80,32 @@ def test_every_http_error_is_json_with_its_status_code(project: Project, start_d
     for what, (response, status) in cases.items():
         assert response.status_code == status, f"{what}: {response.status_code} {response.text}"
         assert response.json()["error"], what
+
+
+def test_every_api_error_declares_a_status_and_reaches_the_client_with_it():
+    classes = {
+        name: cls
+        for name, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, errors.ApiError) and cls is not errors.ApiError
+    }
+    assert {"InvalidRequest", "InvalidImage", "ModelNotFound", "Overloaded", "Unhealthy"} <= classes.keys()
+    assert errors.ModelNotReady.headers == {"Retry-After": "5"} and errors.Overloaded.headers == {"Retry-After": "1"}
+
+    async def fail(request: Request):
+        raise classes[request.path_params["name"]](f"raised {request.path_params['name']}")
+
+    app = Starlette(routes=[Route("/{name}", fail)], exception_handlers=EXCEPTION_HANDLERS)
+
+    async def get_each() -> dict[str, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return {name: await client.get(f"/{name}") for name in classes}
+
+    for name, response in asyncio.run(get_each()).items():
+        cls = classes[name]
+        assert 400 <= cls.status <= 599, name
+        assert response.status_code == cls.status, name
+        assert response.json() == {"error": f"raised {name}"}, name
+        assert {h: response.headers.get(h) for h in cls.headers} == dict(cls.headers), name
 
 
 def test_a_decompression_bomb_is_a_400(project: Project, start_daemon):

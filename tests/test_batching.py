@@ -13,9 +13,9 @@ from torch import nn
 
 from reloader.batching import Batcher
 from reloader.config import load_config
+from reloader.gate import Gate
 from reloader.optimize import prepare_module
 from reloader.registry import LiveModel
-from reloader.validation import Gate
 
 
 class _Held(nn.Module):
@@ -38,9 +38,11 @@ class _Held(nn.Module):
 def _live(project: Project, name: str, state_dict: dict) -> LiveModel:
     project.write_config(colours_yaml(expect=False))  # v2 below answers wrong on purpose
     config = load_config(project.config).models["colours"]
-    live, report = Gate("colours", config, prepare_module).run(project.save(name, state_dict))
-    assert live is not None, report.reason
-    return live
+    path = project.save(name, state_dict)
+    judged = Gate("colours", config, prepare_module).judge(path)
+    report = judged.report
+    assert judged.module is not None and report.sha256 is not None, report.reason
+    return LiveModel("colours", config, report.version, report.sha256, path, judged.module, judged.preprocessor, report)
 
 
 def _label(row: torch.Tensor) -> str:

@@ -68,3 +68,26 @@ def test_a_bad_config_at_startup_exits_non_zero_with_one_line_and_no_traceback(p
     assert result.stderr.strip().splitlines() == [
         f"reloader: error: {project.config}: models.colours.num_classes: must be > 0, got -3"
     ]
+
+
+def test_version_prints_reloaders_version_and_torchs():
+    from importlib.metadata import version
+
+    import reloader
+
+    result = run("--version")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"reloader {reloader.__version__} (torch {version('torch')})"
+
+
+def test_help_speaks_to_the_user_not_to_the_developer():
+    result = run("--help")
+
+    assert result.returncode == 0, result.stderr
+    assert "nowhere else" not in result.stdout  # the module docstring, for whoever edits cli.py
+    assert "hot-reload" in result.stdout
+    for command in ("serve", "validate"):
+        assert f"\n    {command} " in result.stdout, f"{command} is not listed as a command"
+        assert f"reloader {command} " in result.stdout, f"no example of {command}"
+    assert "0 the checkpoint passes, 1 it is rejected" in result.stdout

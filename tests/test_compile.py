@@ -8,8 +8,8 @@ from conftest import Project, colours_yaml
 
 from reloader.batching import forward
 from reloader.config import load_config
+from reloader.gate import Gate
 from reloader.optimize import prepare_module
-from reloader.validation import Gate
 
 
 @pytest.mark.torch_compile
@@ -21,11 +21,11 @@ def test_a_compiled_model_passes_the_gate_and_answers_like_the_eager_one(project
     compiled_config = load_config(project.config).models["colours"]
     eager_config = compiled_config.model_copy(update={"optimize": "none"})
 
-    compiled, report = Gate("colours", compiled_config, prepare_module).run(checkpoint)
-    eager, _ = Gate("colours", eager_config, prepare_module).run(checkpoint)
+    compiled = Gate("colours", compiled_config, prepare_module).judge(checkpoint)
+    eager = Gate("colours", eager_config, prepare_module).judge(checkpoint)
 
-    assert report.passed, report.reason
-    assert compiled is not None and eager is not None
+    assert compiled.report.passed, compiled.report.reason
+    assert compiled.module is not None and eager.module is not None
     assert compiled.module is not eager.module
     assert hasattr(compiled.module, "_orig_mod")  # what torch.compile wraps a module in
     torch.manual_seed(0)

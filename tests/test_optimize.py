@@ -13,8 +13,8 @@ from torch import nn
 from reloader.architectures import build_model
 from reloader.compute import FORWARD_LOCK, TRACE_LOCK
 from reloader.config import load_config
+from reloader.gate import Gate
 from reloader.optimize import fold_batchnorms, prepare_module
-from reloader.validation import Gate
 
 
 def _with_trained_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -210,10 +210,10 @@ def test_the_gate_serves_the_folded_channels_last_module_and_checks_finiteness_o
     bad_state["layer1.0.bn1.running_var"][0] = float("nan")
     bad = project.save("colours-v2.pt", bad_state)
 
-    live, report = Gate("colours", config, prepare_module).run(good)
-    _, rejected = Gate("colours", config, prepare_module).run(bad)
+    live = Gate("colours", config, prepare_module).judge(good)
+    rejected = Gate("colours", config, prepare_module).judge(bad).report
 
-    assert live is not None, report.reason
+    assert live.module is not None, live.report.reason
     assert _batchnorms(live.module) == 0
     assert live.module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from reloader.config import WatchConfig
-from reloader.settle import CREATED_GRACE_S, QUIET_WITHOUT_CLOSE_S, Settling
+from reloader.settle import CREATED_GRACE_S, QUIET_WITHOUT_CLOSE_S, FileEvent, Settling
 
 FILE = Path("/ck/model-v2.pt")
 
@@ -15,7 +15,7 @@ FILE = Path("/ck/model-v2.pt")
 def test_a_rename_into_the_folder_is_finished_at_once():
     settling = Settling(WatchConfig())
 
-    assert settling.event(FILE, "moved", now=10.0) is True
+    assert settling.event(FILE, FileEvent.MOVED, now=10.0) is True
     assert settling.due_now(10.0)
     assert settling.unsettled(10.0) == set()
 
@@ -23,21 +23,21 @@ def test_a_rename_into_the_folder_is_finished_at_once():
 def test_an_in_place_write_waits_for_its_close_however_long_the_pauses():
     settling = Settling(WatchConfig(settle_ms=200))
 
-    assert settling.event(FILE, "created", now=0.0) is False
-    assert settling.event(FILE, "written", now=0.001) is False
+    assert settling.event(FILE, FileEvent.CREATED, now=0.0) is False
+    assert settling.event(FILE, FileEvent.WRITTEN, now=0.001) is False
     # A writer pausing longer than settle_ms is still writing: it has not closed the file.
     assert FILE in settling.unsettled(1.5)
-    assert settling.event(FILE, "written", now=1.6) is False
+    assert settling.event(FILE, FileEvent.WRITTEN, now=1.6) is False
     assert FILE in settling.unsettled(3.0)
 
-    assert settling.event(FILE, "closed", now=3.1) is True
+    assert settling.event(FILE, FileEvent.CLOSED, now=3.1) is True
     assert settling.unsettled(3.1) == set()
 
 
 def test_a_created_file_with_no_writes_is_a_rename_and_settles_after_a_short_grace():
     settling = Settling(WatchConfig())
 
-    settling.event(FILE, "created", now=5.0)
+    settling.event(FILE, FileEvent.CREATED, now=5.0)
 
     assert FILE in settling.unsettled(5.0)
     assert settling.next_due() == pytest.approx(5.0 + CREATED_GRACE_S)
@@ -47,7 +47,7 @@ def test_a_created_file_with_no_writes_is_a_rename_and_settles_after_a_short_gra
 def test_a_file_written_but_never_closed_settles_once_quiet():
     settling = Settling(WatchConfig(settle_ms=100))
 
-    settling.event(FILE, "written", now=0.0)
+    settling.event(FILE, FileEvent.WRITTEN, now=0.0)
 
     assert FILE in settling.unsettled(QUIET_WITHOUT_CLOSE_S - 0.01)
     assert settling.unsettled(QUIET_WITHOUT_CLOSE_S) == set()
@@ -56,8 +56,8 @@ def test_a_file_written_but_never_closed_settles_once_quiet():
 def test_when_polling_a_file_settles_after_settle_ms_without_changes():
     settling = Settling(WatchConfig(poll=True, settle_ms=300))
 
-    settling.event(FILE, "created", now=0.0)
-    settling.event(FILE, "written", now=0.2)
+    settling.event(FILE, FileEvent.CREATED, now=0.0)
+    settling.event(FILE, FileEvent.WRITTEN, now=0.2)
 
     assert FILE in settling.unsettled(0.45)
     assert not settling.due_now(0.45)
@@ -67,9 +67,9 @@ def test_when_polling_a_file_settles_after_settle_ms_without_changes():
 
 def test_a_deleted_file_is_forgotten_and_a_failed_one_is_retried_later():
     settling = Settling(WatchConfig(settle_ms=0))
-    settling.event(FILE, "written", now=0.0)
+    settling.event(FILE, FileEvent.WRITTEN, now=0.0)
 
-    assert settling.event(FILE, "deleted", now=0.1) is True
+    assert settling.event(FILE, FileEvent.DELETED, now=0.1) is True
     assert not settling.waiting()
 
     settling.retry(FILE, now=1.0)

@@ -1,0 +1,51 @@
+"""What one model's worker remembers between passes: file hashes and rejected contents, and their eviction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from .checkpoints import Candidate, sha256_file
+from .policy import FileStatus, Known, Signature
+
+
+class CheckpointCache:
+    """sha256 by path (valid while the file's signature holds) and rejection reasons by sha256.
+
+    Only the worker's thread touches it. Both shrink with the folder: a daemon that sees thousands of
+    checkpoints come and go stays the same size."""
+
+    def __init__(self) -> None:
+        self._hashes: dict[Path, tuple[Signature, str]] = {}
+        self._rejected: dict[str, str] = {}
+
+    def known(self, judged: Mapping[Path, tuple[FileStatus, str | None]]) -> Known:
+        """A view for the policy, with what this pass has judged so far."""
+        return Known(self._hashes, self._rejected, judged)
+
+    def digest(self, path: Path) -> str | None:
+        entry = self._hashes.get(path)
+        return None if entry is None else entry[1]
+
+    def hash(self, candidate: Candidate) -> str:
+        """Read the file and remember its sha256 under the signature it was listed with. OSError if gone."""
+        digest = sha256_file(candidate.path)
+        self.remember(candidate, digest)
+        return digest
+
+    def remember(self, candidate: Candidate, digest: str) -> None:
+        self._hashes[candidate.path] = (candidate.signature, digest)
+
+    def reject(self, digest: str, reason: str) -> None:
+        self._rejected[digest] = reason
+
+    def forget_rejections(self) -> None:
+        """The model's definition changed: a file rejected under the old one may fit the new one."""
+        self._rejected.clear()
+
+    def keep_only(self, paths: Iterable[Path]) -> None:
+        """Forget files that are gone, and rejections of contents no remaining file has."""
+        present = set(paths)
+        self._hashes = {p: h for p, h in self._hashes.items() if p in present}
+        digests = {digest for _, digest in self._hashes.values()}
+        self._rejected = {d: r for d, r in self._rejected.items() if d in digests}

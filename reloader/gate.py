@@ -1,0 +1,170 @@
+"""The validation gate: a checkpoint may serve only after it loads safely, fits, is finite and answers right.
+
+The gate only judges. It returns what it found (the prepared module, the preprocessor, the report with the
+sha256 of the bytes that loaded); the worker decides what to do with a verdict and builds the live record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .architectures import build_model
+from .checkpoints import LoadedCheckpoint, load_checkpoint, parse_version
+from .compute import run_forward
+from .config import ModelConfig
+from .errors import CheckpointIncomplete, CheckpointRejected, ConfigError, InvalidImage
+from .images import Preprocessor
+from .report import CheckResult, ValidationReport
+
+Prepare = Callable[[torch.nn.Module, ModelConfig], torch.nn.Module]
+
+
+@dataclass(frozen=True)
+class WarmupImage:
+    source: str
+    tensor: torch.Tensor
+    expect: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class Judgement:
+    """The verdict on one file; `module` is set only when every check passed."""
+
+    report: ValidationReport
+    module: torch.nn.Module | None
+    preprocessor: Preprocessor
+
+    @property
+    def passed(self) -> bool:
+        return self.module is not None
+
+
+class _Failed(Exception):
+    """A check failed; its result is recorded, and no later check runs."""
+
+
+class _Checks:
+    """Times each check and records its result; a check that raises fails, and the judging stops."""
+
+    def __init__(self) -> None:
+        self.results: list[CheckResult] = []
+        self.incomplete = False
+
+    @contextmanager
+    def check(self, name: str) -> Iterator[list[str]]:
+        """`with checks.check("load") as detail:` ... `detail.append("what was found")`."""
+        started, detail = time.perf_counter(), list[str]()
+        try:
+            yield detail
+        except CheckpointRejected as exc:
+            self.incomplete = isinstance(exc, CheckpointIncomplete)
+            self.results.append(CheckResult(name, False, exc.reason, _ms(started)))
+            raise _Failed from exc
+        except Exception as exc:  # a user's factory or a forward pass can fail in any way
+            self.results.append(CheckResult(name, False, f"{type(exc).__name__}: {exc}", _ms(started)))
+            raise _Failed from exc
+        self.results.append(CheckResult(name, True, "".join(detail), _ms(started)))
+
+
+class Gate:
+    """The four checks in order, for one model definition; built once per config, reused for every file."""
+
+    def __init__(self, name: str, config: ModelConfig, prepare: Prepare) -> None:
+        self.name = name
+        self.config = config
+        self.preprocessor = Preprocessor(config.preprocess)
+        self._prepare = prepare
+        self.warmup = self._warmup_images()
+
+    def _warmup_images(self) -> list[WarmupImage]:
+        spec = self.config.warmup
+        if not spec.images:
+            return [WarmupImage("built-in synthetic image", self.preprocessor.synthetic(), None)]
+        images = []
+        for i, path in enumerate(spec.images):
+            try:
+                tensor = self.preprocessor.load(path.read_bytes())
+            except (OSError, InvalidImage) as exc:
+                raise ConfigError(f"models.{self.name}.warmup.images[{i}]: {path}: {exc}") from exc
+            images.append(WarmupImage(path.name, tensor, spec.expect[i] if spec.expect else None))
+        return images
+
+    def judge(self, path: Path) -> Judgement:
+        started, t0 = time.time(), time.perf_counter()
+        checks = _Checks()
+        loaded: LoadedCheckpoint | None = None
+        module: torch.nn.Module | None = None
+        try:
+            with checks.check("load") as detail:
+                loaded = load_checkpoint(path)
+                detail.append(f"{len(loaded.state_dict)} tensors, {loaded.size} bytes, sha256 {loaded.sha256[:12]}")
+            with checks.check("structure") as detail:
+                module = build_model(self.config.arch, self.config.num_classes, loaded.state_dict)
+                # From here the module owns the tensors. Dropping the state_dict lets `prepare` (folding,
+                # channels_last) free each original as it copies it, instead of holding a second model.
+                loaded = replace(loaded, state_dict={})
+                detail.append(f"strict load into {self.config.arch}(num_classes={self.config.num_classes})")
+            with checks.check("finite") as detail:
+                detail.append(_finite(module))
+            with checks.check("warmup") as detail:
+                # Prepared after the finite check, which so names the checkpoint's own tensors, and before
+                # the warm-up, which so exercises exactly the module that will serve.
+                module = self._prepare(module, self.config)
+                detail.append(self._warmup(module))
+        except _Failed:
+            module = None
+        report = ValidationReport(
+            model=self.name,
+            path=str(path),
+            version=parse_version(path.name),
+            sha256=loaded.sha256 if loaded else None,
+            size=loaded.size if loaded else None,
+            mtime_ns=loaded.mtime_ns if loaded else None,
+            checks=tuple(checks.results),
+            passed=module is not None,
+            incomplete=checks.incomplete,
+            started_at=started,
+            total_ms=_ms(t0),
+        )
+        return Judgement(report, module, self.preprocessor)
+
+    def _warmup(self, module: torch.nn.Module) -> str:
+        expected_shape = (1, self.config.num_classes)
+        for image in self.warmup:
+            out = run_forward(module, image.tensor.unsqueeze(0))
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected_shape:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise CheckpointRejected("warmup", f"{image.source}: output {shape}, expected {expected_shape}")
+            if not bool(torch.isfinite(out).all()):
+                raise CheckpointRejected("warmup", f"{image.source}: output has NaN or inf")
+            if image.expect is not None:
+                probs = out.softmax(dim=1)[0]
+                top = int(probs.argmax())
+                got = self.config.labels[top]
+                if got != image.expect:
+                    raise CheckpointRejected(
+                        "warmup",
+                        f"{image.source}: expected {image.expect!r}, got {got!r} (p={float(probs[top]):.3f})",
+                    )
+        return f"{len(self.warmup)} warm-up image(s) answered as expected"
+
+
+def _finite(module: torch.nn.Module) -> str:
+    bad = [
+        f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
+        for name, t in (*module.named_parameters(), *module.named_buffers())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise CheckpointRejected("finite", f"non-finite (NaN/inf) values in {', '.join(bad[:5])}")
+    return "every parameter and buffer is finite"
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000.0, 3)

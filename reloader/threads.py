@@ -1,0 +1,91 @@
+"""The daemon's background loops, and the ordered list of parts that /healthz reads.
+
+Every loop thread has the same life: start, wake it when there is work, stop it (which joins it), and
+ask whether it still runs. A loop waits on an Event, never in `time.sleep`, so stop() is prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+logger = logging.getLogger("reloader.threads")
+
+
+class LoopThread:
+    """A daemon thread that calls `tick()` whenever it is woken, or when the wait `tick()` asked for ends.
+
+    `tick()` returns how long to wait before the next tick (None: until woken). It runs once at start."""
+
+    def __init__(self, name: str) -> None:
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._wake.set()
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def setup(self) -> None:
+        """Runs first, on the thread itself."""
+
+    def tick(self) -> float | None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        self.setup()
+        wait: float | None = None
+        while True:
+            self._wake.wait(wait)
+            if self._stop.is_set():
+                return
+            # Cleared before the work, so a wake that arrives during it brings another tick.
+            self._wake.clear()
+            wait = self.tick()
+
+
+class Part(Protocol):
+    """Something the daemon starts, stops, and watches for liveness."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+
+class Parts:
+    """The daemon's parts in start order: each started by name, all stopped in reverse, named when dead."""
+
+    def __init__(self, parts: Sequence[tuple[str, Part]]) -> None:
+        self._parts = tuple(parts)
+
+    def start(self, name: str) -> None:
+        dict(self._parts)[name].start()
+
+    def stop(self) -> None:
+        """Stop every part, last first (stopping a part that never started is a no-op)."""
+        for _, part in reversed(self._parts):
+            part.stop()
+
+    def dead(self) -> list[str]:
+        """The parts whose threads are not running, in start order."""
+        return [name for name, part in self._parts if not part.is_alive()]

@@ -1,0 +1,274 @@
+"""One model's reload job: ask the policy what to do, have the gate judge files, swap the verdicts in.
+
+One worker thread per model, so one reload runs per model at a time while different models reload at
+once. Source events and rescans only mark work and wake the thread: a burst coalesces into one pass.
+
+Each model moves through these states; only a swap changes what serves, and nothing else takes a
+version out of service (a model leaves only when the config drops it):
+
+    NOT READY --a file arrives--> VALIDATING --it passes--> LIVE --a newer file arrives--> VALIDATING
+                                   |                          ^                               |
+                                   |                          +-------- it passes ------------+
+                                   +-- it fails a check: REJECTED, cached by content; the state before stands
+                                   +-- it is still being written: INCOMPLETE, looked at again once settled
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .caches import CheckpointCache
+from .compute import lower_thread_priority
+from .config import ModelConfig
+from .errors import ConfigError
+from .events import CheckpointJudged, EventBus, Outcome, ReloadFailed, SourceStatus
+from .gate import Gate, Judgement, Prepare
+from .memory import release
+from .policy import FileStatus, Hash, Judge, LiveFile, Serving, Settled, plan, same_definition
+from .registry import LiveModel, Registry
+from .source import CheckpointSource
+from .threads import LoopThread
+
+logger = logging.getLogger("reloader.jobs")  # the name log filters know (see logs.py)
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class FileState:
+    path: Path
+    version: int
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    status: FileStatus
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Found:
+    """What the last pass found, for the status listing."""
+
+    config: ModelConfig  # the definition that pass worked with
+    files: tuple[FileState, ...]
+    error: str | None
+    live_file: LiveFile
+
+
+class ModelWorker(LoopThread):
+    """Owns one model's reloads. The gate and the cache are touched only by its own thread."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        source: CheckpointSource,
+        registry: Registry,
+        bus: EventBus,
+        *,
+        prepare: Prepare = lambda m, c: m,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        super().__init__(f"reload-{name}")
+        self.name = name
+        self.registry = registry
+        self._bus = bus
+        self._prepare = prepare
+        self._clock = clock
+        self._idle = threading.Event()
+        self._lock = threading.Lock()
+        self._config = config  # guarded by _lock
+        self._source = source  # guarded by _lock
+        self._dirty = True  # guarded by _lock: a pass is owed regardless of deadlines
+        self._found = Found(config, (), None, LiveFile.NONE)  # guarded by _lock
+        self._gate: Gate | None = None
+        self._cache = CheckpointCache()
+        self._source_error: str | None = None
+        self.passes = 0
+        source.subscribe(self._changed)
+
+    # -- called from other threads -------------------------------------------------------------
+
+    def rescan(self) -> None:
+        self._changed(True)
+
+    def set_config(self, config: ModelConfig, source: CheckpointSource) -> None:
+        with self._lock:
+            self._config = config
+            if source is not self._source:
+                self._source = source
+                source.subscribe(self._changed)
+        self.rescan()
+
+    @property
+    def config(self) -> ModelConfig:
+        with self._lock:
+            return self._config
+
+    @property
+    def source(self) -> CheckpointSource:
+        with self._lock:
+            return self._source
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    def found(self) -> Found:
+        with self._lock:
+            return self._found
+
+    @property
+    def reloading(self) -> bool:
+        return not self._idle.is_set()
+
+    def _changed(self, now: bool) -> None:
+        with self._lock:
+            self._dirty = self._dirty or now
+            self._idle.clear()
+        self.wake()
+
+    # -- the worker thread -----------------------------------------------------------------------
+
+    def setup(self) -> None:
+        lower_thread_priority()
+
+    def tick(self) -> float | None:
+        with self._lock:
+            source, dirty, self._dirty = self._source, self._dirty, False
+        due = source.next_due()
+        if dirty or (due is not None and due <= self._clock()):
+            self.passes += 1  # counted as it starts, so a swap seen from outside is already counted
+            try:
+                self._pass()
+            except Exception as exc:  # a failing pass is recorded; it must never end the worker
+                self._failed(exc)
+        due = source.next_due()
+        with self._lock:
+            if not self._dirty and due is None:
+                self._idle.set()
+        return None if due is None else max(0.0, due - self._clock())
+
+    def _failed(self, exc: Exception) -> None:
+        logger.exception("model %s: reload pass failed: %s: %s", self.name, type(exc).__name__, exc)
+        self._bus.publish(ReloadFailed(self.name, f"{type(exc).__name__}: {exc}"))
+        with self._lock:
+            error = f"reload pass failed: {type(exc).__name__}: {exc}"
+            self._found = replace(self._found, error=error)
+
+    def _pass(self) -> None:
+        with self._lock:
+            config, source = self._config, self._source
+        try:
+            gate = self._current_gate(config)
+        except ConfigError as exc:
+            self._publish(config, Settled((), self._found.live_file, str(exc)))
+            return
+        listing = source.listing(self._clock())
+        if listing.error != self._source_error:
+            self._source_error = listing.error
+            self._bus.publish(SourceStatus(self.name, source.location, listing.error))
+        judged: dict[Path, tuple[FileStatus, str | None]] = {}
+        while True:
+            decision = plan(listing, self._serving(config), config.version, self._cache.known(judged))
+            if isinstance(decision, Settled):
+                break
+            path = decision.candidate.path
+            if isinstance(decision, Hash):
+                try:
+                    self._cache.hash(decision.candidate)
+                except OSError:  # deleted or renamed since the listing; its own event brings another pass
+                    judged[path] = (FileStatus.GONE, None)
+                continue
+            verdict = self._judge(gate, config, source, decision)
+            if verdict is not None:
+                judged[path] = verdict
+        self._cache.keep_only(c.path for c in listing.candidates)
+        self._publish(config, decision)
+
+    def _serving(self, config: ModelConfig) -> Serving | None:
+        live = self.registry.get(self.name)
+        if live is None:
+            return None
+        current = same_definition(live.config, config)
+        return Serving(live.path, live.version, live.report.mtime_ns or 0, live.sha256, current)
+
+    def _current_gate(self, config: ModelConfig) -> Gate:
+        if self._gate is None or self._gate.config != config:
+            if self._gate is None or not same_definition(self._gate.config, config):
+                self._cache.forget_rejections()
+            self._gate = None
+            self._gate = Gate(self.name, config, self._prepare)
+        return self._gate
+
+    def _judge(
+        self, gate: Gate, config: ModelConfig, source: CheckpointSource, action: Judge
+    ) -> tuple[FileStatus, str | None] | None:
+        """Judge one file and act on the verdict: swap it in (None), or say why it does not serve."""
+        cand = action.candidate
+        judgement = gate.judge(source.fetch(cand))
+        report = judgement.report
+        unchanged = source.unchanged(cand)
+        if report.sha256 is not None and unchanged:
+            self._cache.remember(cand, report.sha256)
+        still_written = not judgement.passed and cand.path in source.arriving(self._clock())
+        if report.incomplete or not unchanged or still_written:
+            # Whatever failed, it failed on a file still changing: that says nothing of the finished file.
+            reason = report.reason or "file changed while it was validated"
+            source.retry(cand.path, self._clock())
+            self._bus.publish(CheckpointJudged(self.name, Outcome.INCOMPLETE, cand.path, reason, report))
+            return (FileStatus.INCOMPLETE, reason)
+        if not judgement.passed or (action.digest is not None and report.sha256 != action.digest):
+            reason = report.reason or "file changed during validation"
+            digest = report.sha256 or action.digest
+            if not judgement.passed:
+                # Cached by content, so no later pass reads it again (a file torch cannot load has no
+                # sha256 in its report: hash it now, once).
+                try:
+                    digest = digest or self._cache.hash(cand)
+                    self._cache.reject(digest, reason)
+                except OSError:
+                    pass
+            source.take_arrival(cand.path)  # a rewrite of this path is a new arrival
+            judged = CheckpointJudged(self.name, Outcome.REJECTED, cand.path, reason, report, sha256=digest)
+            self._bus.publish(judged)
+            return (FileStatus.REJECTED, reason)
+        self._swap(config, source, cand.path, judgement)
+        return None
+
+    def _swap(self, config: ModelConfig, source: CheckpointSource, path: Path, judgement: Judgement) -> None:
+        report = judgement.report
+        assert judgement.module is not None and report.sha256 is not None
+        new = LiveModel(
+            self.name, config, report.version, report.sha256, path, judgement.module, judgement.preprocessor, report
+        )
+        previous = self.registry.swap(new)
+        seen = source.take_arrival(path)
+        since = None if seen is None else round((self._clock() - seen) * 1000.0, 3)
+        self._bus.publish(
+            CheckpointJudged(
+                self.name,
+                Outcome.SWAPPED,
+                path,
+                None,
+                report,
+                sha256=new.sha256,
+                version=new.version,
+                previous_version=None if previous is None else previous.version,
+                since_detected_ms=since,
+            )
+        )
+        del previous  # requests still holding the old record finish on it, then it is freed
+        release()
+
+    def _publish(self, config: ModelConfig, settled: Settled) -> None:
+        files = tuple(
+            FileState(c.path, c.version, c.size, c.mtime_ns, self._cache.digest(c.path), status, reason)
+            for c, status, reason in settled.files
+        )
+        with self._lock:
+            self._found = Found(config, files, settled.error, settled.live_file)

@@ -1,0 +1,97 @@
+"""The reload worker in-process: failures are recorded and never end it; subscribers cannot undo a swap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import Project, sha256, wait_until
+from tinynet import colour_state_dict
+
+from reloader import source as sources
+from reloader.config import load_config
+from reloader.events import CheckpointJudged, Event, EventBus, Outcome, ReloadFailed
+from reloader.registry import Registry
+from reloader.source import LocalFolder
+from reloader.worker import ModelWorker
+
+
+def make_worker(project: Project, bus: EventBus) -> tuple[ModelWorker, Registry]:
+    config = load_config(project.config)
+    model = config.models["colours"]
+    registry = Registry()
+    folder = LocalFolder("colours", model.checkpoints, config.watch, bus)
+    return ModelWorker("colours", model, folder, registry, bus), registry
+
+
+@pytest.fixture
+def worker(project: Project):
+    bus = EventBus()
+    events: list[Event] = []
+    bus.subscribe(events.append)
+    worker, registry = make_worker(project, bus)
+    worker.start()
+    yield worker, registry, events
+    worker.stop()
+
+
+def outcomes(events: list[Event]) -> list[str]:
+    return [
+        e.outcome.value if isinstance(e, CheckpointJudged) else "error"
+        for e in events
+        if isinstance(e, (CheckpointJudged, ReloadFailed))
+    ]
+
+
+def test_a_reload_pass_that_raises_is_logged_and_recorded_and_the_worker_goes_on(
+    project: Project, worker, monkeypatch, caplog
+):
+    worker, registry, events = worker
+    assert worker.wait_idle(30)
+    real_scan = sources.scan
+    calls = []
+
+    def failing_once(folder: Path):
+        calls.append(folder)
+        if len(calls) == 1:
+            raise RuntimeError("disk on fire")
+        return real_scan(folder)
+
+    monkeypatch.setattr(sources, "scan", failing_once)
+    first = project.save("colours-v1.pt")
+    worker.rescan()
+    wait_until(lambda: any(isinstance(e, ReloadFailed) for e in events), what="the failed pass's event")
+
+    assert worker.is_alive()
+    assert "reload pass failed: RuntimeError: disk on fire" in caplog.text
+    failed = next(e for e in events if isinstance(e, ReloadFailed))
+    assert failed.error == "RuntimeError: disk on fire"
+    assert worker.found().error == "reload pass failed: RuntimeError: disk on fire"
+
+    worker.rescan()
+    wait_until(lambda: registry.get("colours") is not None, what="the next pass to swap")
+    assert registry.get("colours").sha256 == sha256(first)
+    assert outcomes(events) == ["error", "swapped"]
+
+
+def test_a_failing_subscriber_does_not_undo_a_swap_nor_keep_events_from_the_others(project: Project):
+    bus = EventBus()
+
+    def broken(event: Event) -> None:
+        raise ValueError("metrics backend down")
+
+    events: list[Event] = []
+    bus.subscribe(broken)
+    bus.subscribe(events.append)
+    worker, registry = make_worker(project, bus)
+    good = project.save("colours-v1.pt", colour_state_dict())
+    worker.start()
+    try:
+        assert worker.wait_idle(30)
+        assert registry.get("colours").sha256 == sha256(good)
+        assert worker.is_alive()
+        assert outcomes(events) == ["swapped"]
+        (swapped,) = [e for e in events if isinstance(e, CheckpointJudged)]
+        assert swapped.outcome is Outcome.SWAPPED and swapped.sha256 == sha256(good)
+    finally:
+        worker.stop()
