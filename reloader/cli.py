@@ -83,15 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     commands = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
-    serve = commands.add_parser(
-        "serve",
-        help="serve the models of a config and hot-reload them",
-        description=SERVE_DESCRIPTION,
-        formatter_class=raw,
-    )
-    serve.add_argument(
-        "--config", default=DEFAULT_CONFIG, type=Path, help=f"the config file (default: {DEFAULT_CONFIG})"
-    )
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=description, formatter_class=raw)
+        sub.add_argument(
+            "--config", default=DEFAULT_CONFIG, type=Path, help=f"the config file (default: {DEFAULT_CONFIG})"
+        )
+        return sub
+
+    serve = command("serve", "serve the models of a config and hot-reload them", SERVE_DESCRIPTION)
     serve.add_argument("--host", help="address to listen on (default: the config's server.host)")
     serve.add_argument("--port", type=int, help="port to listen on (default: the config's server.port)")
     serve.add_argument(
@@ -102,15 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         help="no log line per request (default: the config's server.access_log)",
     )
 
-    validate = commands.add_parser(
-        "validate",
-        help="run the validation gate on one checkpoint, offline",
-        description=VALIDATE_DESCRIPTION,
-        formatter_class=raw,
-    )
-    validate.add_argument(
-        "--config", default=DEFAULT_CONFIG, type=Path, help=f"the config file (default: {DEFAULT_CONFIG})"
-    )
+    validate = command("validate", "run the validation gate on one checkpoint, offline", VALIDATE_DESCRIPTION)
     validate.add_argument("--model", help="model name in the config (default: the default model)")
     validate.add_argument("--json", action="store_true", help="print the report as JSON")
     validate.add_argument("file", type=Path, help="the checkpoint file to check")
