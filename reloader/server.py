@@ -28,6 +28,7 @@ from .supervisor import Supervisor
 from .threads import Parts
 from .v2 import v2_routes
 from .watcher import Watcher
+from .worker import Shared
 
 logger = logging.getLogger("reloader.server")
 
@@ -106,7 +107,7 @@ class Daemon:
         self.bus.subscribe(self.metrics.on_event)
         self.bus.subscribe(self._on_event)
         self.registry = Registry()
-        self.supervisor = Supervisor(config, self.registry, self.bus, prepare=prepare_module)
+        self.supervisor = Supervisor(config, Shared(self.registry, self.bus, prepare_module))
         self.watcher = Watcher(self.supervisor, self.bus)
         # In start order; stopped in reverse, and /healthz names the ones whose threads ended.
         self.parts = Parts([(Supervisor.PART, self.supervisor), (Watcher.PART, self.watcher)])

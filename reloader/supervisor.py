@@ -10,14 +10,12 @@ from typing import Any
 
 from .config import Config, ModelConfig, WatchConfig, load_config
 from .errors import ConfigError
-from .events import ConfigApplied, ConfigRejected, EventBus
-from .gate import Prepare
-from .registry import Registry
+from .events import ConfigApplied, ConfigRejected
 from .settle import FileEvent
-from .source import LocalFolder
+from .source import CheckpointSource, LocalFolder
 from .status import EventLog, describe_model
 from .threads import LoopThread
-from .worker import Clock, ModelWorker
+from .worker import ModelWorker, Shared
 
 logger = logging.getLogger("reloader.supervisor")
 MAX_CONFIG_DELAY_FACTOR = 5
@@ -30,24 +28,16 @@ class Supervisor(LoopThread):
 
     PART = "reload workers"  # its name among the daemon's parts, as /healthz reports it
 
-    def __init__(
-        self,
-        config: Config,
-        registry: Registry,
-        bus: EventBus,
-        *,
-        prepare: Prepare = lambda m, c: m,
-        clock: Clock = time.monotonic,
-    ) -> None:
+    def __init__(self, config: Config, shared: Shared) -> None:
         assert config.path is not None, "a Supervisor needs a config read from a file"
         super().__init__("config-reload")
         self.config_path: Path = config.path
-        self.registry = registry
-        self._bus = bus
-        self._prepare = prepare
-        self._clock = clock
+        self.registry = shared.registry
+        self._shared = shared
+        self._bus = shared.bus
+        self._clock = shared.clock
         self._events = EventLog()
-        bus.subscribe(self._events)
+        self._bus.subscribe(self._events)
         self._lock = threading.RLock()
         self.config = config  # guarded by _lock (replaced whole; readers take it once)
         self.config_error: str | None = None
@@ -174,7 +164,9 @@ class Supervisor(LoopThread):
                 worker.set_config(model, self._source(name, model, new.watch, worker.source))
                 logger.info("model %s: definition changed; validating before it replaces the live one", name)
 
-    def _source(self, name: str, model: ModelConfig, watch: WatchConfig, current: Any = None) -> LocalFolder:
+    def _source(
+        self, name: str, model: ModelConfig, watch: WatchConfig, current: CheckpointSource | None = None
+    ) -> LocalFolder:
         """The model's source: the current one, told the new watch settings, while the folder stays."""
         if isinstance(current, LocalFolder) and current.folder == model.checkpoints:
             current.configure(watch)
@@ -183,7 +175,7 @@ class Supervisor(LoopThread):
 
     def _add(self, name: str, model: ModelConfig) -> None:
         source = self._source(name, model, self.config.watch)
-        worker = ModelWorker(name, model, source, self.registry, self._bus, prepare=self._prepare, clock=self._clock)
+        worker = ModelWorker(name, model, source, self._shared)
         self._workers[name] = worker
         worker.start()
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from torch import nn
 
 from .caches import CheckpointCache
 from .compute import lower_thread_priority
@@ -31,12 +32,10 @@ from .gate import Gate, Judgement, Prepare
 from .memory import release
 from .policy import FileStatus, Hash, Judge, LiveFile, Serving, Settled, plan, same_definition
 from .registry import LiveModel, Registry
-from .source import CheckpointSource
+from .source import CheckpointSource, Clock
 from .threads import LoopThread
 
 logger = logging.getLogger("reloader.jobs")  # the name log filters know (see logs.py)
-
-Clock = Callable[[], float]
 
 
 @dataclass(frozen=True)
@@ -60,26 +59,31 @@ class Found:
     live_file: LiveFile
 
 
+def _as_is(module: nn.Module, config: ModelConfig) -> nn.Module:
+    return module
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every model's worker shares: the registry it swaps into, the bus it reports on, how a judged
+    module is prepared to serve, and the clock (a fake one in tests)."""
+
+    registry: Registry
+    bus: EventBus
+    prepare: Prepare = _as_is
+    clock: Clock = time.monotonic
+
+
 class ModelWorker(LoopThread):
     """Owns one model's reloads. The gate and the cache are touched only by its own thread."""
 
-    def __init__(
-        self,
-        name: str,
-        config: ModelConfig,
-        source: CheckpointSource,
-        registry: Registry,
-        bus: EventBus,
-        *,
-        prepare: Prepare = lambda m, c: m,
-        clock: Clock = time.monotonic,
-    ) -> None:
+    def __init__(self, name: str, config: ModelConfig, source: CheckpointSource, shared: Shared) -> None:
         super().__init__(f"reload-{name}")
         self.name = name
-        self.registry = registry
-        self._bus = bus
-        self._prepare = prepare
-        self._clock = clock
+        self.registry = shared.registry
+        self._bus = shared.bus
+        self._prepare = shared.prepare
+        self._clock = shared.clock
         self._idle = threading.Event()
         self._lock = threading.Lock()
         self._config = config  # guarded by _lock

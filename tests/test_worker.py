@@ -13,7 +13,7 @@ from reloader.config import load_config
 from reloader.events import CheckpointJudged, Event, EventBus, Outcome, ReloadFailed
 from reloader.registry import Registry
 from reloader.source import LocalFolder
-from reloader.worker import ModelWorker
+from reloader.worker import ModelWorker, Shared
 
 
 def make_worker(project: Project, bus: EventBus) -> tuple[ModelWorker, Registry]:
@@ -21,7 +21,7 @@ def make_worker(project: Project, bus: EventBus) -> tuple[ModelWorker, Registry]
     model = config.models["colours"]
     registry = Registry()
     folder = LocalFolder("colours", model.checkpoints, config.watch, bus)
-    return ModelWorker("colours", model, folder, registry, bus), registry
+    return ModelWorker("colours", model, folder, Shared(registry, bus)), registry
 
 
 @pytest.fixture
