@@ -37,7 +37,6 @@ class FileStatus(str, Enum):
     STANDBY = "standby"  # not looked at: older than the live version, or off the pin
     INCOMPLETE = "incomplete"  # still being written; looked at again once settled
     REJECTED = "rejected"  # failed a check; not judged again until its content changes
-    GONE = "gone"  # vanished between the listing and a read; never shown (the next listing drops it)
 
 
 class LiveFile(str, Enum):
@@ -108,9 +107,7 @@ def plan(listing: Listing, live: Serving | None, pin: Pin, known: Known) -> Deci
     if live is not None:
         cand = by_path.get(live.path)
         digest = None if cand is None else _digest(cand, known)
-        if cand is not None and _gone(cand, known):
-            cand = None
-        elif cand is not None and digest is None:
+        if cand is not None and digest is None:
             return Hash(cand)
         live_file = (
             LiveFile.DELETED if cand is None else LiveFile.PRESENT if digest == live.sha256 else LiveFile.REPLACED
@@ -144,17 +141,13 @@ def plan(listing: Listing, live: Serving | None, pin: Pin, known: Known) -> Deci
             statuses[cand.path] = (FileStatus.REJECTED, known.rejected[digest])
             continue
         return Judge(cand, digest)
-    files = tuple((c, *_status(c, live, statuses)) for c in listing.candidates if not _gone(c, known))
+    files = tuple((c, *_status(c, live, statuses)) for c in listing.candidates)
     return Settled(files, live_file, _error(listing, live, pin))
 
 
 def _digest(cand: Candidate, known: Known) -> str | None:
     entry = known.hashes.get(cand.path)
     return entry[1] if entry is not None and entry[0] == cand.signature else None
-
-
-def _gone(cand: Candidate, known: Known) -> bool:
-    return cand.path in known.judged and known.judged[cand.path][0] is FileStatus.GONE
 
 
 def _status(

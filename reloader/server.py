@@ -102,12 +102,14 @@ class Daemon:
         check_environment()
         self.notifier = notifier or Notifier()
         self.bus = EventBus()
-        self.bus.subscribe(log_event)
+        self.registry = Registry()
+        # Subscribed in this order: the status listing (the supervisor's), metrics and systemd's status
+        # line are up to date by the time a log line tells a reader to look.
+        self.supervisor = Supervisor(config, Shared(self.registry, self.bus, prepare_module))
         self.metrics = Metrics()
         self.bus.subscribe(self.metrics.on_event)
         self.bus.subscribe(self._on_event)
-        self.registry = Registry()
-        self.supervisor = Supervisor(config, Shared(self.registry, self.bus, prepare_module))
+        self.bus.subscribe(log_event)
         self.watcher = Watcher(self.supervisor, self.bus)
         # In start order; stopped in reverse, and /healthz names the ones whose threads ended.
         self.parts = Parts([(Supervisor.PART, self.supervisor), (Watcher.PART, self.watcher)])
@@ -166,13 +168,14 @@ class Daemon:
             self.supervisor.config_path,
             extra={"event": "start", "config": str(self.supervisor.config_path)},
         )
+        # Outside the try: Ctrl-C during a long initial load exits at once, without joining the workers.
+        self.parts.start(Supervisor.PART)
+        self.supervisor.wait_idle()
+        # Everything allocated so far (torch, the models' modules) lives as long as the process: keep
+        # it out of the collector, so the gc.collect() after each swap takes milliseconds, not 150.
+        gc.freeze()
+        logger.info("initial load done: %s", self.summary(), extra={"event": "loaded"})
         try:
-            self.parts.start(Supervisor.PART)
-            self.supervisor.wait_idle()
-            # Everything allocated so far (torch, the models' modules) lives as long as the process: keep
-            # it out of the collector, so the gc.collect() after each swap takes milliseconds, not 150.
-            gc.freeze()
-            logger.info("initial load done: %s", self.summary(), extra={"event": "loaded"})
             self.parts.start(Watcher.PART)
             self.server.run()
         finally:

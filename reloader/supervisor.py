@@ -184,11 +184,12 @@ class Supervisor(LoopThread):
             config, error, loaded_at = self.config, self.config_error, self.config_loaded_at
         return {
             "config": {"path": str(self.config_path), "loaded_at": loaded_at, "sha256": config.digest, "error": error},
-            "models": {w.name: self.describe_model(w.name) for w in self.workers()},
+            "models": {w.name: self._describe(w) for w in self.workers()},
         }
 
     def describe_model(self, name: str) -> dict[str, Any] | None:
         worker = self.worker(name)
-        if worker is None:
-            return None
-        return describe_model(worker, self.registry.get(name), self._events.newest_first(name))
+        return None if worker is None else self._describe(worker)
+
+    def _describe(self, worker: ModelWorker) -> dict[str, Any]:
+        return describe_model(worker, self.registry.get(worker.name), self._events.newest_first(worker.name))

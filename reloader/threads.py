@@ -87,5 +87,5 @@ class Parts:
             part.stop()
 
     def dead(self) -> list[str]:
-        """The parts whose threads are not running, in start order."""
-        return [name for name, part in self._parts if not part.is_alive()]
+        """The parts whose threads are not running, last started first (as they are stopped)."""
+        return [name for name, part in reversed(self._parts) if not part.is_alive()]

@@ -91,6 +91,7 @@ class ModelWorker(LoopThread):
         self._dirty = True  # guarded by _lock: a pass is owed regardless of deadlines
         self._found = Found(config, (), None, LiveFile.NONE)  # guarded by _lock
         self._gate: Gate | None = None
+        self._gate_config: ModelConfig | None = None  # the last config a gate was built for
         self._cache = CheckpointCache()
         self._source_error: str | None = None
         self.passes = 0
@@ -151,8 +152,9 @@ class ModelWorker(LoopThread):
                 self._pass()
             except Exception as exc:  # a failing pass is recorded; it must never end the worker
                 self._failed(exc)
-        due = source.next_due()
         with self._lock:
+            # Read under the lock an event's wake-up takes, so a deadline set meanwhile is not missed.
+            due = source.next_due()
             if not self._dirty and due is None:
                 self._idle.set()
         return None if due is None else max(0.0, due - self._clock())
@@ -185,8 +187,12 @@ class ModelWorker(LoopThread):
             if isinstance(decision, Hash):
                 try:
                     self._cache.hash(decision.candidate)
-                except OSError:  # deleted or renamed since the listing; its own event brings another pass
-                    judged[path] = (FileStatus.GONE, None)
+                except OSError:
+                    live = self.registry.get(self.name)
+                    if live is not None and live.path == path:
+                        raise  # what serves cannot be told apart from what is on disk: fail the pass, retry
+                    # Deleted or renamed since the listing: standby for now; its own event brings another pass.
+                    judged[path] = (FileStatus.STANDBY, None)
                 continue
             verdict = self._judge(gate, config, source, decision)
             if verdict is not None:
@@ -202,11 +208,12 @@ class ModelWorker(LoopThread):
         return Serving(live.path, live.version, live.report.mtime_ns or 0, live.sha256, current)
 
     def _current_gate(self, config: ModelConfig) -> Gate:
-        if self._gate is None or self._gate.config != config:
-            if self._gate is None or not same_definition(self._gate.config, config):
-                self._cache.forget_rejections()
+        if self._gate is None or self._gate_config != config:
+            if self._gate_config is None or not same_definition(self._gate_config, config):
+                self._cache.forget_rejections()  # a file rejected under the old definition may fit the new one
             self._gate = None
             self._gate = Gate(self.name, config, self._prepare)
+            self._gate_config = config
         return self._gate
 
     def _judge(
@@ -228,12 +235,12 @@ class ModelWorker(LoopThread):
             return (FileStatus.INCOMPLETE, reason)
         if not judgement.passed or (action.digest is not None and report.sha256 != action.digest):
             reason = report.reason or "file changed during validation"
-            digest = report.sha256 or action.digest
+            digest = action.digest
             if not judgement.passed:
                 # Cached by content, so no later pass reads it again (a file torch cannot load has no
                 # sha256 in its report: hash it now, once).
                 try:
-                    digest = digest or self._cache.hash(cand)
+                    digest = report.sha256 or digest or self._cache.hash(cand)
                     self._cache.reject(digest, reason)
                 except OSError:
                     pass

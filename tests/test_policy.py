@@ -20,13 +20,7 @@ from reloader.policy import (
 )
 from reloader.source import Listing
 
-LIVE, STANDBY, INCOMPLETE, REJECTED, GONE = (
-    FileStatus.LIVE,
-    FileStatus.STANDBY,
-    FileStatus.INCOMPLETE,
-    FileStatus.REJECTED,
-    FileStatus.GONE,
-)
+LIVE, STANDBY, INCOMPLETE, REJECTED = FileStatus.LIVE, FileStatus.STANDBY, FileStatus.INCOMPLETE, FileStatus.REJECTED
 
 
 def file(version: int, mtime: int = 0, *, inode: int | None = None) -> Candidate:
@@ -170,12 +164,12 @@ TABLE = [
         settled(LiveFile.DELETED, None, (V1, REJECTED, "structure: missing keys")),
     ),
     (
-        "the live file vanished while it was hashed: as if deleted",
-        listing(V1, V2),
-        serving(V2),
+        "a file that could not be hashed this pass stays standby, and the next one is judged",
+        listing(V1, V3),
+        serving(V1),
         "latest",
-        known(judged={V2: (GONE, None)}),
-        Judge(V1, None),
+        known({V1: "sha-live"}, judged={V3: (STANDBY, None)}),
+        settled(LiveFile.PRESENT, None, (V3, STANDBY, None), (V1, LIVE, None)),
     ),
     (
         "an unreadable folder while a version serves: the error, and it serves on",
