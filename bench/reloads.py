@@ -201,6 +201,7 @@ def memory(
     start = rss_after_traffic()
     after_1 = 0
     peaks: list[int] = []
+    befores: list[int] = []
     sampled: list[int] = []
     hwm_reset = True
     previous: list[Path] = []
@@ -220,6 +221,7 @@ def memory(
             if live is None or live["sha256"] != sha:
                 raise RuntimeError(f"{path.name} did not go live: {status['files'][:3]}")
         peaks.append(status_kib(server.pid, "VmHWM") - before)
+        befores.append(before)
         sampled.append(sampler.peak - before)
         previous.append(path)
         while len(previous) > 2:  # keep the folder small, as a trainer's retention would
@@ -236,6 +238,10 @@ def memory(
         "rss_after_1_kib": after_1,
         "rss_after_n_kib": end,
         "peak_over_before_kib": _spread([float(p) for p in (peaks if hwm_reset else sampled)]),
+        # The RSS just before each swap moves too (how much of the previous swap was returned to the OS),
+        # so the absolute peak is what compares across versions of reloader.
+        "peak_kib": _spread([float(b + p) for b, p in zip(befores, peaks if hwm_reset else sampled, strict=True)]),
+        "before_kib": _spread([float(b) for b in befores]),
         "peak_source": "VmHWM reset before each swap" if hwm_reset else "VmRSS sampled every 5 ms",
         "sampled_peak_over_before_kib": _spread([float(p) for p in sampled]),
     }

@@ -25,6 +25,14 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _cpu_flags() -> str:
+    """lscpu's flags line, as /proc/cpuinfo gives it: the machines differ (AMX, AVX512-BF16, VNNI or none)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def _ram_gib() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
@@ -243,6 +251,19 @@ def _memory_table(d: dict[str, Any]) -> list[str]:
         f"Peak during one swap over the RSS just before it ({m['peak_source']}): min {p['min'] / 1024:.0f}, "
         f"p50 {p['p50'] / 1024:.0f}, max {p['max'] / 1024:.0f} MiB = {p['max'] * 1024 / mb:.2f}x the model "
         f"(VmRSS sampled every 5 ms: max {s['max'] / 1024:.0f} MiB).",
+        *_absolute_peak(m),
+    ]
+
+
+def _absolute_peak(m: dict[str, Any]) -> list[str]:
+    if "peak_kib" not in m:  # results written before the absolute peak was recorded
+        return []
+    b, a = m["before_kib"], m["peak_kib"]
+    return [
+        "",
+        f"The RSS just before each swap: p50 {b['p50'] / 1024:.0f} MiB; the absolute peak during a swap: p50 "
+        f"{a['p50'] / 1024:.0f}, max {a['max'] / 1024:.0f} MiB. The peak over the RSS before it grows when the "
+        "previous swap gave more memory back to the OS, so the absolute peak is what compares across versions.",
     ]
 
 
@@ -294,6 +315,7 @@ def write_results(path: Path, d: dict[str, Any]) -> None:
         f"{d['load_start']} at the start and {d['load_end']} at the end (this run's own processes included; other "
         "jobs share the machine); as each "
         "part began: " + "; ".join(f"{name.split('.')[0]}: {load}" for name, load in d["phase_load"]) + ".",
+        f"- CPU flags: {_cpu_flags()}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         f"- Threads: {f'set for every process: {env}' if env else 'torch defaults in every process'} "
         f"(torch.get_num_threads() = {torch.get_num_threads()} here); no server ran during another.",
