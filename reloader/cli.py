@@ -11,6 +11,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError, UnsafeEnvironment
+from .report import ValidationReport
 
 DEFAULT_CONFIG = "config/models.yaml"
 logger = logging.getLogger("reloader")
@@ -137,7 +138,22 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"{verdict}: {args.file} for model {name!r} (sha256 {report.sha256}, {report.total_ms:.0f} ms)")
         for check in report.checks:
             print(f"  [{'ok' if check.passed else 'FAIL'}] {check.name:<9} {check.detail} ({check.ms:.1f} ms)")
+        _print_variants(report)
     return 0 if report.passed else 1
+
+
+def _print_variants(report: ValidationReport) -> None:
+    if not report.variants:
+        return
+    print(f"  precision {report.precision} on {report.device}; the forms tried against fp32:")
+    print("    precision form     device agreement  max dp   img/s      ms")
+    for v in report.variants:
+        agreement = "-" if v.agreement is None else f"{v.agreement:.3f}"
+        delta = "-" if v.max_prob_delta is None else f"{v.max_prob_delta:.4f}"
+        speed = "-" if v.img_s is None else f"{v.img_s:.1f}"
+        verdict = "kept" if v.passed else v.detail
+        row = f"{v.precision:<9} {v.form:<8} {v.device:<6} {agreement:>9} {delta:>7} {speed:>7} {v.ms:>7.0f}"
+        print(f"    {row}  {verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,13 @@ class BatchConfig(_Frozen):
     queue_size: PositiveInt = 64
 
 
+class Fidelity(_Frozen):
+    """How far a faster precision may stray from fp32 on the golden images before it may serve."""
+
+    min_agreement: float = Field(default=0.99, ge=0, le=1)  # share of images whose top-1 stays the same
+    max_prob_delta: float = Field(default=0.02, ge=0, le=1)  # largest change of any class probability
+
+
 class ModelConfig(_Frozen):
     arch: str
     num_classes: PositiveInt
@@ -114,6 +121,11 @@ class ModelConfig(_Frozen):
     warmup: Warmup = Warmup()
     batch: BatchConfig = BatchConfig()
     optimize: Literal["none", "compile"] = "none"
+    # fp32 serves as trained; bf16 only where the hardware has it natively; auto: the fastest form the
+    # gate proves keeps the answers (see `fidelity`), and fp32 when none is at least 1.1x as fast.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")  # auto: cuda when there is one
+    fidelity: Fidelity = Fidelity()
 
     @field_validator("arch")
     @classmethod

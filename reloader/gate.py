@@ -19,8 +19,10 @@ from .checkpoints import LoadedCheckpoint, load_checkpoint, parse_version
 from .compute import run_forward
 from .config import ModelConfig
 from .errors import CheckpointIncomplete, CheckpointRejected, ConfigError, InvalidImage
+from .hardware import Hardware
 from .images import Preprocessor
-from .report import CheckResult, ValidationReport
+from .precision import choose, served
+from .report import CheckResult, ValidationReport, VariantResult, ms_since
 
 Prepare = Callable[[torch.nn.Module, ModelConfig], torch.nn.Module]
 
@@ -64,22 +66,30 @@ class _Checks:
             yield detail
         except CheckpointRejected as exc:
             self.incomplete = isinstance(exc, CheckpointIncomplete)
-            self.results.append(CheckResult(name, False, exc.reason, _ms(started)))
+            self.results.append(CheckResult(name, False, exc.reason, ms_since(started)))
             raise _Failed from exc
         except Exception as exc:  # a user's factory or a forward pass can fail in any way
-            self.results.append(CheckResult(name, False, f"{type(exc).__name__}: {exc}", _ms(started)))
+            self.results.append(CheckResult(name, False, f"{type(exc).__name__}: {exc}", ms_since(started)))
             raise _Failed from exc
-        self.results.append(CheckResult(name, True, "".join(detail), _ms(started)))
+        self.results.append(CheckResult(name, True, "".join(detail), ms_since(started)))
 
 
 class Gate:
     """The four checks in order, for one model definition; built once per config, reused for every file."""
 
-    def __init__(self, name: str, config: ModelConfig, prepare: Prepare) -> None:
+    def __init__(self, name: str, config: ModelConfig, prepare: Prepare, hardware: Hardware | None = None) -> None:
         self.name = name
         self.config = config
         self.preprocessor = Preprocessor(config.preprocess)
         self._prepare = prepare
+        self.hardware = hardware or Hardware.detect()
+        try:
+            self.device = self.hardware.device(config.device)
+        except ValueError as exc:
+            raise ConfigError(f"models.{name}.device: {exc}") from exc
+        why = self.hardware.why_not(config.precision, self.device) if config.precision != "auto" else None
+        if why is not None:
+            raise ConfigError(f"models.{name}.precision: {why}; use fp32, or auto to take it only where it runs")
         self.warmup = self._warmup_images()
 
     def _warmup_images(self) -> list[WarmupImage]:
@@ -100,6 +110,8 @@ class Gate:
         checks = _Checks()
         loaded: LoadedCheckpoint | None = None
         module: torch.nn.Module | None = None
+        precision, form = "fp32", "eager"
+        variants: tuple[VariantResult, ...] = ()
         try:
             with checks.check("load") as detail:
                 loaded = load_checkpoint(path)
@@ -115,8 +127,17 @@ class Gate:
             with checks.check("warmup") as detail:
                 # Prepared after the finite check, which so names the checkpoint's own tensors, and before
                 # the warm-up, which so exercises exactly the module that will serve.
-                module = self._prepare(module, self.config)
+                fp32 = self._prepare(module, self.config).to(self.device)
+                module = served(fp32, self.device)
                 detail.append(self._warmup(module))
+            if self.config.precision != "fp32":
+                with checks.check("fidelity") as detail:
+                    images = torch.stack([image.tensor for image in self.warmup])
+                    sources = [image.source for image in self.warmup]
+                    choice = choose(fp32, self.device, images, sources, self.config, self.hardware)
+                    module, precision, form, variants = choice.module, choice.precision, choice.form, choice.tried
+                    detail.append(choice.summary())
+                del fp32  # a faster form serves alone: the fp32 reference is released here
         except _Failed:
             module = None
         report = ValidationReport(
@@ -130,7 +151,11 @@ class Gate:
             passed=module is not None,
             incomplete=checks.incomplete,
             started_at=started,
-            total_ms=_ms(t0),
+            total_ms=ms_since(t0),
+            precision=precision,
+            form=form,
+            device=self.device,
+            variants=variants,
         )
         return Judgement(report, module, self.preprocessor)
 
@@ -164,7 +189,3 @@ def _finite(module: torch.nn.Module) -> str:
     if bad:
         raise CheckpointRejected("finite", f"non-finite (NaN/inf) values in {', '.join(bad[:5])}")
     return "every parameter and buffer is finite"
-
-
-def _ms(since: float) -> float:
-    return round((time.perf_counter() - since) * 1000.0, 3)

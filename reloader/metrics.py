@@ -127,7 +127,8 @@ class _State(Collector):
         info = InfoMetricFamily("reloader_live_model", "The checkpoint in service, per model", labels=["model"])
         version = GaugeMetricFamily("reloader_live_version", "Version number in service", labels=["model"])
         for name, record in live.items():
-            info.add_metric([name], {"version": str(record.version), "sha256": record.sha256})
+            labels = {"version": str(record.version), "sha256": record.sha256}
+            info.add_metric([name], labels | {"precision": record.report.precision, "device": record.report.device})
             version.add_metric([name], record.version)
         ready = GaugeMetricFamily("reloader_model_ready", "1 when the model has a live version", labels=["model"])
         depth = GaugeMetricFamily("reloader_queue_depth", "Requests waiting for a forward pass", labels=["model"])

@@ -40,6 +40,8 @@ class LiveModel:
             "sha256": self.sha256,
             "path": str(self.path),
             "loaded_at": self.loaded_at,
+            "precision": self.report.precision,
+            "device": self.report.device,
         }
 
 

@@ -5,10 +5,11 @@ A leaf module: the gate writes these, the worker, the registry, the status listi
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-CHECKS = ("load", "structure", "finite", "warmup")
+CHECKS = ("load", "structure", "finite", "warmup")  # then "fidelity", for a precision other than fp32
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,21 @@ class CheckResult:
     passed: bool
     detail: str
     ms: float
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One precision and form the fidelity check tried, against fp32 on the golden images."""
+
+    precision: str
+    form: str
+    device: str
+    passed: bool
+    detail: str
+    agreement: float | None = None
+    max_prob_delta: float | None = None
+    img_s: float | None = None  # at the model's batch.max_size, in process; measured only when it passed
+    ms: float = 0.0  # time spent building, checking and measuring it
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,10 @@ class ValidationReport:
     incomplete: bool
     started_at: float
     total_ms: float
+    precision: str = "fp32"  # what serves, when it passed
+    form: str = "eager"  # how that precision runs (bf16: "autocast" or "weights")
+    device: str = "cpu"
+    variants: tuple[VariantResult, ...] = ()
 
     @property
     def reason(self) -> str | None:
@@ -50,3 +70,8 @@ class ValidationReport:
         out = asdict(self)
         out["reason"] = self.reason
         return out
+
+
+def ms_since(started: float) -> float:
+    """Milliseconds since a time.perf_counter() reading, as reports give them."""
+    return round((time.perf_counter() - started) * 1000.0, 3)

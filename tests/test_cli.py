@@ -91,3 +91,16 @@ def test_help_speaks_to_the_user_not_to_the_developer():
         assert f"\n    {command} " in result.stdout, f"{command} is not listed as a command"
         assert f"reloader {command} " in result.stdout, f"no example of {command}"
     assert "0 the checkpoint passes, 1 it is rejected" in result.stdout
+
+
+def test_validate_prints_every_precision_form_it_tried_under_auto(project: Project):
+    project.write_config(colours_yaml().replace("    preprocess:", "    precision: auto\n    preprocess:"))
+    good = project.stage("good.pt")
+
+    result = run("validate", "--config", str(project.config), str(good))
+
+    assert result.returncode == 0, result.stderr
+    assert "[ok] fidelity" in result.stdout
+    assert "the forms tried against fp32:" in result.stdout
+    table = result.stdout.split("the forms tried against fp32:")[1]
+    assert "precision form     device agreement" in table and "bf16" in table

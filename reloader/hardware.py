@@ -1,0 +1,63 @@
+"""What this machine can run fast: the CPU's instruction sets and the CUDA devices, read once.
+
+bf16 on a CPU without native bf16 instructions is far slower than fp32 (pytorch#183815: seconds per
+convolution on AVX2), so bf16 is offered only where the hardware has it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cpu_model: str
+    cpu_flags: frozenset[str]
+    cuda_devices: int
+
+    @staticmethod
+    @cache
+    def detect() -> Hardware:
+        model, flags = "unknown CPU", frozenset[str]()
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            text = ""
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = frozenset(value.split())
+        return Hardware(model, flags, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+    def device(self, wanted: str) -> str:
+        """The torch device a config's `device` names here; ValueError with the reason when there is none."""
+        if wanted == "auto":
+            return "cuda" if self.cuda_devices else "cpu"
+        if wanted == "cpu":
+            return wanted
+        index = int(wanted.partition(":")[2] or 0)
+        if index >= self.cuda_devices:
+            have = f"{self.cuda_devices} CUDA device(s)" if self.cuda_devices else "no CUDA device"
+            raise ValueError(f"device {wanted!r}: this machine has {have}")
+        return wanted
+
+    def why_not(self, precision: str, device: str) -> str | None:
+        """None when `precision` runs natively on `device` here, else why it does not."""
+        if precision == "fp32":
+            return None
+        if device.startswith("cuda"):
+            return None if torch.cuda.is_bf16_supported() else f"{device} has no native bf16"
+        if set(BF16_FLAGS) & self.cpu_flags:
+            return None
+        return (
+            f"bf16 needs a CPU with AMX-BF16 or AVX512-BF16, and this {self.cpu_model} has neither "
+            "(without them bf16 is far slower than fp32)"
+        )

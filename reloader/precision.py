@@ -1,0 +1,207 @@
+"""Faster forms of a validated fp32 module, each proven against it before one of them may serve.
+
+The gate calls `choose` after the warm-up. Each form the config allows and this machine runs natively
+is built from the fp32 module, answers the golden images, and is kept only if every golden image keeps
+its top-1, the top-1 agreement is at least `fidelity.min_agreement` and no class probability moves by
+more than `fidelity.max_prob_delta`. Kept forms are timed at the model's batch size, in turns with
+serving. An explicit precision serves its fastest kept form, or the file is rejected with the numbers;
+`auto` serves the fastest kept form when it is at least AUTO_MIN_SPEEDUP times fp32, and fp32 otherwise.
+
+Every form is an nn.Module that takes the fp32 batch and answers fp32 scores, so serving runs them all
+alike (`compute.run_forward`).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .compute import run_forward
+from .config import ModelConfig
+from .errors import CheckpointRejected
+from .hardware import Hardware
+from .report import VariantResult, ms_since
+
+AUTO_MIN_SPEEDUP = 1.1
+TIMED_PASSES = 3
+# bf16 has two forms; which one is faster depends on the model and the machine, so both are measured.
+FORMS: dict[str, tuple[str, ...]] = {"bf16": ("autocast", "weights")}
+
+
+class _Around(nn.Module):
+    """A module that calls `inner` in some particular way."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+
+class Autocast(_Around):
+    """fp32 weights, bf16 compute wherever autocast deems it safe; fp32 scores out."""
+
+    def __init__(self, inner: nn.Module, device_type: str) -> None:
+        super().__init__(inner)
+        self.device_type = device_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.inner(x).float()
+
+
+class CastInput(_Around):
+    """bf16 weights: the batch goes in as bf16, the scores come out as fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(torch.bfloat16)).float()
+
+
+class OnDevice(_Around):
+    """Weights on a CUDA device: the batch is copied there from pinned memory, the scores come back."""
+
+    def __init__(self, inner: nn.Module, device: str) -> None:
+        super().__init__(inner)
+        self.device = device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.pin_memory().to(self.device, non_blocking=True)
+        return self.inner(x).float().cpu()
+
+
+def served(module: nn.Module, device: str) -> nn.Module:
+    """`module` (already on `device`) as serving calls it: with CPU tensors in and out."""
+    return module if device == "cpu" else OnDevice(module, device)
+
+
+def bf16_copy(module: nn.Module) -> nn.Module:
+    """A copy whose floating-point weights and buffers are bf16, made one tensor at a time (no fp32 copy)."""
+    memo: dict[int, object] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.is_floating_point() and id(t) not in memo:
+            half = t.detach().to(torch.bfloat16)
+            memo[id(t)] = nn.Parameter(half, requires_grad=False) if isinstance(t, nn.Parameter) else half
+    return copy.deepcopy(module, memo)
+
+
+def build(fp32: nn.Module, precision: str, form: str, device: str) -> nn.Module:
+    """One form of `fp32` (the prepared module, on `device`), as serving calls it."""
+    if (precision, form) == ("bf16", "autocast"):
+        return served(Autocast(fp32, device.split(":")[0]), device)
+    if (precision, form) == ("bf16", "weights"):
+        return served(CastInput(bf16_copy(fp32)), device)
+    raise ValueError(f"unknown form {form!r} of {precision}")
+
+
+@dataclass(frozen=True, eq=False)
+class Choice:
+    module: nn.Module
+    precision: str
+    form: str
+    tried: tuple[VariantResult, ...]
+
+    def summary(self) -> str:
+        tried = ", ".join(f"{t.precision} ({t.form}) {t.detail}" for t in self.tried)
+        return f"{self.precision} ({self.form}) serves; tried: {tried}"
+
+
+def compare(probs: torch.Tensor, reference: torch.Tensor) -> tuple[float, float, list[int]]:
+    """Top-1 agreement, the largest probability difference, and the rows whose top-1 moved."""
+    moved = (probs.argmax(dim=1) != reference.argmax(dim=1)).nonzero().flatten().tolist()
+    return 1.0 - len(moved) / len(reference), float((probs - reference).abs().max()), moved
+
+
+def images_per_second(module: nn.Module, batch: torch.Tensor) -> float:
+    """The best of a few timed passes after an untimed one, each in turn with serving's passes."""
+    run_forward(module, batch)
+    return len(batch) / min(_timed(lambda: run_forward(module, batch)) for _ in range(TIMED_PASSES))
+
+
+def pick(fp32_img_s: float | None, kept: Sequence[VariantResult], auto: bool) -> VariantResult | None:
+    """The form to serve among those that kept the answers: the fastest; under auto only if it is at
+    least AUTO_MIN_SPEEDUP times fp32. None: fp32 serves."""
+    best = max(kept, key=lambda v: v.img_s or 0.0, default=None)
+    if best is None or not auto:
+        return best
+    assert fp32_img_s is not None and best.img_s is not None
+    return best if best.img_s >= AUTO_MIN_SPEEDUP * fp32_img_s else None
+
+
+def choose(
+    fp32: nn.Module, device: str, images: torch.Tensor, sources: Sequence[str], config: ModelConfig, hw: Hardware
+) -> Choice:
+    """Prove each allowed form against fp32 on `images` (the golden images, named by `sources`); pick one."""
+    auto = config.precision == "auto"
+    reference_module = served(fp32, device)
+    reference = run_forward(reference_module, images).float().softmax(dim=1)
+    batch = images[torch.arange(config.batch.max_size) % len(images)]
+    tried: list[VariantResult] = []
+    modules: dict[tuple[str, str], nn.Module] = {}
+    for precision in ("bf16",) if auto else (config.precision,):
+        why = hw.why_not(precision, device)
+        if why is not None:
+            tried.append(VariantResult(precision, "-", device, False, f"skipped: {why}"))
+            continue
+        for form in FORMS[precision]:
+            result, module = _prove(fp32, precision, form, device, images, reference, sources, config, batch)
+            tried.append(result)
+            if module is not None:
+                modules[(precision, form)] = module
+    kept = [t for t in tried if t.passed]
+    if not auto and not kept:
+        raise CheckpointRejected("fidelity", "; ".join(f"{t.precision} ({t.form}): {t.detail}" for t in tried))
+    fp32_img_s = None
+    if auto and kept:
+        started = time.perf_counter()
+        fp32_img_s = images_per_second(reference_module, batch)
+        detail = f"the reference, {fp32_img_s:.1f} img/s"
+        tried.insert(0, VariantResult("fp32", "eager", device, True, detail, 1.0, 0.0, fp32_img_s, ms_since(started)))
+    chosen = pick(fp32_img_s, kept, auto)
+    if chosen is None:
+        return Choice(reference_module, "fp32", "eager", tuple(tried))
+    return Choice(modules[(chosen.precision, chosen.form)], chosen.precision, chosen.form, tuple(tried))
+
+
+def _prove(
+    fp32: nn.Module,
+    precision: str,
+    form: str,
+    device: str,
+    images: torch.Tensor,
+    reference: torch.Tensor,
+    sources: Sequence[str],
+    config: ModelConfig,
+    batch: torch.Tensor,
+) -> tuple[VariantResult, nn.Module | None]:
+    started = time.perf_counter()
+    try:
+        module = build(fp32, precision, form, device)
+        probs = run_forward(module, images).float().softmax(dim=1)
+    except Exception as exc:  # a form torch cannot build or run for this model is not offered
+        detail = f"failed: {type(exc).__name__}: {exc}"
+        return VariantResult(precision, form, device, False, detail, ms=ms_since(started)), None
+    if not bool(torch.isfinite(probs).all()):
+        return VariantResult(precision, form, device, False, "output has NaN or inf", ms=ms_since(started)), None
+    agreement, delta, moved = compare(probs, reference)
+    limits = config.fidelity
+    problems = [f"{sources[i]} changed its top-1" for i in moved[:3]]
+    if agreement < limits.min_agreement:
+        problems.append(f"agreement {agreement:.3f} < {limits.min_agreement}")
+    if delta > limits.max_prob_delta:
+        problems.append(f"largest probability difference {delta:.4f} > {limits.max_prob_delta}")
+    if problems:
+        detail = "; ".join(problems)
+        return VariantResult(precision, form, device, False, detail, agreement, delta, None, ms_since(started)), None
+    speed = images_per_second(module, batch)
+    detail = f"agreement {agreement:.3f}, largest probability difference {delta:.4f}, {speed:.1f} img/s"
+    return VariantResult(precision, form, device, True, detail, agreement, delta, speed, ms_since(started)), module
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

@@ -1,0 +1,182 @@
+"""Precision and device per model: offered only where the hardware runs them, proven against fp32 by the gate."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import Project, colours_yaml, png_bytes
+from tinynet import COLOURS, colour_state_dict
+
+from reloader.config import ModelConfig, load_config
+from reloader.errors import ConfigError
+from reloader.gate import Gate
+from reloader.hardware import Hardware
+from reloader.optimize import prepare_module
+from reloader.precision import AUTO_MIN_SPEEDUP, bf16_copy, pick
+from reloader.report import VariantResult
+
+EPYC = Hardware("AMD EPYC 7B13", frozenset({"avx2", "fma"}), 0)
+# A CPU with native bf16. On a machine without it the bf16 forms still run, only slowly: fine for a tiny net.
+XEON = Hardware("Intel Xeon (AMX)", frozenset({"avx512f", "avx512_bf16", "amx_bf16"}), 0)
+
+
+def configure(project: Project, precision: str, *, expect: bool = True, extra: str = "") -> ModelConfig:
+    text = colours_yaml(expect=expect).replace(
+        "    version: latest\n", f"    version: latest\n    precision: {precision}\n"
+    )
+    project.write_config(text.replace("    preprocess:", f"{extra}    preprocess:"))
+    return load_config(project.config).models["colours"]
+
+
+def near_tie_state_dict() -> dict:
+    """fp32 tells red from 'green' on a red image by 0.001 of a weight; bf16 (8 bits of mantissa) cannot."""
+    state = colour_state_dict()
+    state["fc.weight"] = torch.tensor([[4.0, 0.0, 0.0], [4.001, 0.0, 0.0], [0.0, 0.0, 4.0]])
+    return state
+
+
+def test_bf16_is_offered_only_on_a_cpu_with_native_bf16():
+    assert XEON.why_not("bf16", "cpu") is None
+    assert Hardware("Xeon", frozenset({"avx512_bf16"}), 0).why_not("bf16", "cpu") is None
+    why = EPYC.why_not("bf16", "cpu")
+    assert why is not None and "AMX-BF16 or AVX512-BF16" in why and "AMD EPYC 7B13" in why and "slower" in why
+    assert EPYC.why_not("fp32", "cpu") is None
+
+
+def test_device_auto_is_the_cpu_without_cuda_and_a_missing_cuda_device_says_what_there_is():
+    assert EPYC.device("auto") == "cpu"
+    assert Hardware("x", frozenset(), 2).device("auto") == "cuda"
+    with pytest.raises(ValueError, match="no CUDA device"):
+        EPYC.device("cuda")
+    with pytest.raises(ValueError, match=re.escape("'cuda:1': this machine has 1 CUDA device(s)")):
+        Hardware("x", frozenset(), 1).device("cuda:1")
+
+
+def test_an_explicit_bf16_on_a_cpu_without_it_is_refused_with_the_reason(project: Project):
+    config = configure(project, "bf16")
+    with pytest.raises(ConfigError, match=r"models\.colours\.precision: bf16 needs a CPU with AMX-BF16"):
+        Gate("colours", config, prepare_module, EPYC)
+    # auto is never refused: it takes bf16 only where it runs.
+    assert Gate("colours", configure(project, "auto"), prepare_module, EPYC).device == "cpu"
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_a_config_error(project: Project):
+    config = configure(project, "fp32", extra="    device: cuda\n")
+    with pytest.raises(ConfigError, match=r"models\.colours\.device: device 'cuda': this machine has no CUDA device"):
+        Gate("colours", config, prepare_module, EPYC)
+
+
+def test_bf16_passes_the_fidelity_check_and_serves_its_faster_form(project: Project):
+    checkpoint = project.save("colours-v1.pt")
+    judged = Gate("colours", configure(project, "bf16"), prepare_module, XEON).judge(checkpoint)
+    report = judged.report
+
+    assert report.passed, report.reason
+    assert [c.name for c in report.checks] == ["load", "structure", "finite", "warmup", "fidelity"]
+    assert (report.precision, report.device) == ("bf16", "cpu")
+    forms = {v.form: v for v in report.variants}
+    assert set(forms) == {"autocast", "weights"}
+    for v in forms.values():
+        assert v.passed and v.agreement == 1.0 and 0 <= v.max_prob_delta <= 0.02 and v.img_s > 0, v
+    faster = max(forms.values(), key=lambda v: v.img_s)
+    assert report.form == faster.form
+    assert f"bf16 ({faster.form}) serves" in report.checks[-1].detail
+    # The module that serves answers every golden image as fp32 does.
+    rows = torch.stack([judged.preprocessor.load(png_bytes(c)) for c in COLOURS])
+    with torch.inference_mode():
+        answers = judged.module(rows.contiguous(memory_format=torch.channels_last))
+    assert answers.dtype == torch.float32
+    assert [COLOURS[i] for i in answers.argmax(dim=1)] == list(COLOURS)
+
+
+def test_a_form_that_changes_a_golden_top1_is_rejected_with_the_numbers(project: Project):
+    checkpoint = project.save("colours-v1.pt", near_tie_state_dict())
+    report = Gate("colours", configure(project, "bf16", expect=False), prepare_module, XEON).judge(checkpoint).report
+
+    assert not report.passed
+    assert report.reason.startswith("fidelity: bf16 (autocast): red.png changed its top-1; agreement 0.667 < 0.99")
+    assert "bf16 (weights): red.png changed its top-1" in report.reason
+
+
+def test_auto_keeps_fp32_when_no_faster_form_keeps_the_answers(project: Project):
+    checkpoint = project.save("colours-v1.pt", near_tie_state_dict())
+    judged = Gate("colours", configure(project, "auto", expect=False), prepare_module, XEON).judge(checkpoint)
+
+    assert judged.report.passed and judged.report.precision == "fp32"
+    assert [(v.precision, v.form, v.passed) for v in judged.report.variants] == [
+        ("bf16", "autocast", False),
+        ("bf16", "weights", False),
+    ]
+
+
+def test_auto_on_a_cpu_without_bf16_skips_it_and_says_why(project: Project):
+    checkpoint = project.save("colours-v1.pt")
+    report = Gate("colours", configure(project, "auto"), prepare_module, EPYC).judge(checkpoint).report
+
+    assert report.passed and report.precision == "fp32"
+    (skipped,) = report.variants
+    assert not skipped.passed and skipped.detail.startswith("skipped: bf16 needs a CPU with AMX-BF16")
+
+
+def kept(form: str, img_s: float) -> VariantResult:
+    return VariantResult("bf16", form, "cpu", True, "kept", 1.0, 0.001, img_s)
+
+
+@pytest.mark.parametrize(
+    ("fp32", "forms", "auto", "serves"),
+    [
+        (100.0, [kept("autocast", 250.0), kept("weights", 300.0)], True, "weights"),
+        (100.0, [kept("autocast", 300.0), kept("weights", 250.0)], True, "autocast"),
+        (100.0, [kept("autocast", 100.0 * AUTO_MIN_SPEEDUP)], True, "autocast"),
+        (100.0, [kept("autocast", 105.0)], True, None),  # not worth it: fp32 serves
+        (100.0, [], True, None),
+        (None, [kept("autocast", 50.0), kept("weights", 40.0)], False, "autocast"),  # explicit: its fastest form
+    ],
+)
+def test_the_fastest_kept_form_serves_and_auto_asks_for_a_margin_over_fp32(fp32, forms, auto, serves):
+    chosen = pick(fp32, forms, auto)
+    assert (chosen.form if chosen else None) == serves
+
+
+def test_a_bf16_copy_leaves_the_fp32_module_as_it_was():
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    half = bf16_copy(module)
+    assert all(t.dtype == torch.float32 for t in module.state_dict().values() if t.is_floating_point())
+    assert all(t.dtype == torch.bfloat16 for t in half.state_dict().values() if t.is_floating_point())
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert half[1].num_batches_tracked is not module[1].num_batches_tracked
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path needs a CUDA device")
+def test_on_cuda_the_weights_move_to_the_device_and_the_answers_match_the_cpu(project: Project):
+    checkpoint = project.save("colours-v1.pt")
+    cpu = Gate("colours", configure(project, "fp32", extra="    device: cpu\n"), prepare_module).judge(checkpoint)
+    cuda = Gate("colours", configure(project, "auto", extra="    device: cuda\n"), prepare_module).judge(checkpoint)
+    assert cuda.report.passed, cuda.report.reason
+    assert cuda.report.device == "cuda"
+    assert all(p.device.type == "cuda" for p in cuda.module.parameters())
+    rows = torch.stack([cpu.preprocessor.load(png_bytes(c)) for c in COLOURS])
+    with torch.inference_mode():
+        torch.testing.assert_close(cuda.module(rows).softmax(1), cpu.module(rows).softmax(1), atol=0.02, rtol=0)
+
+
+def test_the_daemon_shows_what_precision_serves_in_the_status_and_the_metrics(project: Project, start_daemon):
+    from test_metrics import Scrape
+
+    configure(project, "auto")
+    checkpoint = project.save("colours-v1.pt")
+    daemon = start_daemon(project.config)
+    live = daemon.wait_live(checkpoint)["live"]
+
+    report = live["report"]
+    assert (live["precision"], live["device"]) == (report["precision"], report["device"])
+    assert live["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert live["precision"] in ("fp32", "bf16")
+    assert [c["name"] for c in report["checks"]][-1] == "fidelity"
+    assert {v["precision"] for v in report["variants"]} >= {"bf16"}
+    (labels,) = Scrape(daemon).labels("reloader_live_model_info")
+    assert (labels["precision"], labels["device"], labels["version"]) == (live["precision"], live["device"], "1")
+    assert daemon.predict("blue").json()["predictions"][0]["label"] == "blue"
