@@ -51,10 +51,14 @@ class Limit:
     reloader's keeps the next batch decoding while the forward runs). The limit is the better of the two.
     """
 
-    def __init__(self, images: list[bytes], sd: dict[str, torch.Tensor]) -> None:
+    def __init__(self, images: list[bytes], sd: dict[str, torch.Tensor], form: tuple[str, str] = ("fp32", "eager")):
+        from reloader.precision import build
+
         self.images = images
         self.pre = Preprocessor(Preprocess(resize=256, crop=224))
         self.module = prepare_module(build_model(MODEL, NUM_CLASSES, sd), _model_config())
+        if form != ("fp32", "eager"):  # the form reloader serves at another precision (section 7)
+            self.module = build(self.module, *form, "cpu")
         self._offset = 0
         self.serve(max(BATCH_SIZES))  # first-call allocations and oneDNN primitive creation
 

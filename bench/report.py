@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import precision
 from .inprocess import RELOADER_FORWARD
 from .reloads import SwapRun, swap_timings
 
@@ -359,6 +360,14 @@ def write_results(path: Path, d: dict[str, Any]) -> None:
         "## 6. Reload latency split (issue 3)",
         "",
         *_split_table(d),
+        "",
+        "## 7. Precision (issue 11)",
+        "",
+        *precision.report_lines(d["precision"], d["levels"]),
+        "",
+        "Targets of issue 11 (the AMX rows are measured only on a CPU with native bf16):",
+        "",
+        *precision.targets(d["precision"], d["levels"]),
         "",
     ]
     path.write_text("\n".join(lines))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -20,13 +21,19 @@ from typing import Any
 
 import torch
 
-from . import inprocess, reloads, servers, workload
+from . import inprocess, precision, reloads, servers, workload
 from .client import measure
 from .report import write_results
 
 HERE = Path(__file__).resolve().parent
 # Naive at c=64 is not cheap: every request waits for all the others, one forward at a time (minutes of drain).
-LEVELS = {"reloader": (1, 4, 16, 64), "litserve": (1, 4, 16, 64), "naive": (1, 4, 16)}
+LEVELS = {
+    "reloader": (1, 4, 16, 64),
+    "litserve": (1, 4, 16, 64),
+    "naive": (1, 4, 16),
+    "reloader auto": (1, 16),
+    "litserve bf16": (1, 16),
+}
 # c=64 stays under the queue bound only if queue_size >= 64; 32 makes it overflow, so the 503 path is exercised.
 QUEUE_SIZE = 32
 
@@ -88,7 +95,7 @@ def _levels(server: servers.Server, path: str, images: list[bytes], limit: inpro
     with server.paused():
         before = limit.probe(batch, args.probes)
     for c in LEVELS[server.name]:
-        scraped = _scrape(server.base) if server.name == "reloader" else None
+        scraped = _scrape(server.base) if server.name.startswith("reloader") else None
         t0 = time.monotonic()
         result = measure(server.base + path, images, c, args.duration, args.warmup)
         elapsed = time.monotonic() - t0
@@ -179,6 +186,32 @@ def main(argv: list[str] | None = None) -> int:
             memory = reloads.memory(server, folder, images, base, args.swaps)
             split = reloads.latency_split(server, folder, images, base, args.split)
 
+        _phase("7. precision: bf16 forms in process, their agreement, and auto served next to LitServe bf16")
+        prec: dict[str, Any] = {"forward": precision.forward_table(base, args.rounds)}
+        prec["agreement"] = precision.demo_agreement(tmp, epochs=1 if args.quick else 2)
+        folder = fresh_folder("auto")
+        config = workload.reloader_config(folder.parent, folder, queue_size=QUEUE_SIZE, precision="auto")
+        with servers.reloader(config, logs, "reloader auto") as server:
+            with urllib.request.urlopen(f"{server.base}/models/{workload.MODEL}", timeout=10) as response:
+                report = json.loads(response.read())["live"]["report"]
+            form = (report["precision"], report["form"])
+            prec["chosen"] = "fp32" if form == ("fp32", "eager") else f"{form[0]} ({form[1]})"
+            prec["fidelity"] = next(c["detail"] for c in report["checks"] if c["name"] == "fidelity")
+            levels += _levels(
+                server, f"/models/{workload.MODEL}/predict", images, inprocess.Limit(images, base, form), batch, args
+            )
+        with servers.litserve(init_path, logs, bf16=True) as server:
+            levels += _levels(
+                server, "/predict", images, inprocess.Limit(images, base, ("bf16", "autocast")), batch, args
+            )
+        folder = fresh_folder("auto-swaps")
+        staged = reloads.stage_swaps(folder, 2, blocks * per_block, seed=200)
+        config = workload.reloader_config(folder.parent, folder, queue_size=QUEUE_SIZE, precision="auto")
+        with servers.reloader(config, logs, "reloader auto") as server:
+            prec["swaps"] = reloads.swaps_under_load(
+                server, folder, images, staged, args.swap_duration, args.swap_every
+            )
+
         write_results(
             args.out,
             {
@@ -203,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 "swaps": swap_run,
                 "memory": memory,
                 "split": split,
+                "precision": prec,
             },
         )
         _log(f"wrote {args.out} in {time.monotonic() - t_start:.0f} s")

@@ -136,10 +136,10 @@ class Server:
         return proc.returncode
 
 
-def reloader(config: Path, log_dir: Path) -> Server:
+def reloader(config: Path, log_dir: Path, name: str = "reloader") -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "reloader.cli", "serve", "--config", str(config), "--port", str(port)]
-    return Server("reloader", argv, port, log_dir, "/readyz")
+    return Server(name, argv, port, log_dir, "/readyz")
 
 
 def naive(checkpoint: Path, log_dir: Path) -> Server:
@@ -148,7 +148,9 @@ def naive(checkpoint: Path, log_dir: Path) -> Server:
     return Server("naive", argv, port, log_dir, "/health")
 
 
-def litserve(checkpoint: Path, log_dir: Path) -> Server:
+def litserve(checkpoint: Path, log_dir: Path, *, bf16: bool = False) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "bench.peers.litserve_server", "--checkpoint", str(checkpoint), "--port", str(port)]
-    return Server("litserve", argv, port, log_dir, "/health")
+    return Server(
+        "litserve bf16" if bf16 else "litserve", [*argv, *(["--bf16"] if bf16 else [])], port, log_dir, "/health"
+    )

@@ -22,9 +22,10 @@ BATCH_TIMEOUT_S = 0.01
 
 
 class ResNetAPI(ls.LitAPI):
-    def __init__(self, checkpoint: Path) -> None:
+    def __init__(self, checkpoint: Path, bf16: bool = False) -> None:
         super().__init__(max_batch_size=MAX_BATCH_SIZE, batch_timeout=BATCH_TIMEOUT_S)
         self.checkpoint = checkpoint
+        self.bf16 = bf16
 
     def setup(self, device: str) -> None:
         model, self.sha256 = load_resnet18(self.checkpoint)
@@ -38,8 +39,9 @@ class ResNetAPI(ls.LitAPI):
         return torch.stack(inputs).contiguous(memory_format=torch.channels_last)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model(x).softmax(dim=1)
+        # --bf16: the one-line autocast a LitServe user would add, for a comparison at equal precision.
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(x).float().softmax(dim=1)
 
     def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
         return list(output)
@@ -52,8 +54,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--bf16", action="store_true", help="run predict under bf16 autocast")
     args = parser.parse_args()
-    server = ls.LitServer(ResNetAPI(args.checkpoint), accelerator="cpu", workers_per_device=1, timeout=120)
+    server = ls.LitServer(ResNetAPI(args.checkpoint, args.bf16), accelerator="cpu", workers_per_device=1, timeout=120)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, generate_client_file=False, log_level="warning")
 
 

@@ -1,0 +1,194 @@
+"""7. Precision (issue 11): each bf16 form against fp32 in process, their agreement on the demo's held-out
+images, and the precision `auto` chose served next to LitServe at fp32 and at bf16."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reloader.architectures import build_model
+from reloader.checkpoints import load_checkpoint
+from reloader.hardware import Hardware
+from reloader.optimize import prepare_module
+from reloader.precision import FORMS, build, compare
+
+from .inprocess import SPEEDUP_BATCH, _model_config
+from .reloads import SwapRun
+from .workload import MODEL, NUM_CLASSES
+
+FP32 = ("fp32", "eager")
+
+
+def forms() -> list[tuple[str, str]]:
+    """fp32, then every bf16 form where this CPU has native bf16 (elsewhere bf16 is not measured here)."""
+    if Hardware.detect().why_not("bf16", "cpu") is not None:
+        return [FP32]
+    return [FP32, *(("bf16", form) for form in FORMS["bf16"])]
+
+
+def module_for(fp32: torch.nn.Module, precision: str, form: str) -> torch.nn.Module:
+    return fp32 if (precision, form) == FP32 else build(fp32, precision, form, "cpu")
+
+
+def forward_table(sd: dict[str, torch.Tensor], rounds: int) -> dict[str, Any]:
+    """Forward-only img/s at batch 8 for each form of reloader's prepared resnet18, interleaved in rounds."""
+    fp32 = prepare_module(build_model(MODEL, NUM_CLASSES, sd), _model_config())
+    x = torch.randn(SPEEDUP_BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last)
+    modules = {f: module_for(fp32, *f) for f in forms()}
+    times: dict[tuple[str, str], list[float]] = {f: [] for f in modules}
+    with torch.inference_mode():
+        for module in modules.values():
+            module(x)  # first-call allocations and oneDNN primitive creation
+        for _ in range(max(rounds, 3)):
+            for f, module in modules.items():
+                t0 = time.perf_counter()
+                module(x)
+                times[f].append(time.perf_counter() - t0)
+    img_s = {f: SPEEDUP_BATCH / statistics.median(t) for f, t in times.items()}
+    return {"img_s": img_s, "why_not_bf16": Hardware.detect().why_not("bf16", "cpu")}
+
+
+def demo_agreement(tmp: Path, epochs: int) -> dict[str, Any]:
+    """Train the demo (examples/shapes) and compare every form with fp32 on its 400 held-out images."""
+    from examples.shapes import train
+    from examples.shapes.dataset import ShapesDataset, preprocess
+
+    out = tmp / "demo"
+    t0 = time.perf_counter()
+    train.main(["--epochs", str(epochs), "--out", str(out), "--golden", str(tmp / "demo-golden")])
+    train_s = time.perf_counter() - t0
+    checkpoint = sorted(out.glob("*.pt"))[-1]
+    model = build_model("resnet18", len(train.LABELS), load_checkpoint(checkpoint).state_dict)
+    fp32 = prepare_module(model, _model_config().model_copy(update={"arch": "resnet18"}))
+    heldout = ShapesDataset(train.HELDOUT_SIZE, train.HELDOUT_SEED, preprocess())
+    images = torch.stack([heldout[i][0] for i in range(len(heldout))]).contiguous(memory_format=torch.channels_last)
+    labels = torch.tensor([heldout[i][1] for i in range(len(heldout))])
+    probs = {}
+    with torch.inference_mode():
+        for f in forms():
+            module = module_for(fp32, *f)
+            probs[f] = torch.cat([module(chunk).float().softmax(dim=1) for chunk in images.split(50)])
+    rows = {}
+    for f, p in probs.items():
+        agreement, delta, moved = compare(p, probs[FP32])
+        accuracy = float((p.argmax(dim=1) == labels).float().mean())
+        rows[f] = {"accuracy": accuracy, "agreement": agreement, "max_prob_delta": delta, "moved": len(moved)}
+    return {"epochs": epochs, "train_s": train_s, "images": len(labels), "rows": rows}
+
+
+def _label(f: tuple[str, str]) -> str:
+    return "fp32" if f == FP32 else f"{f[0]} ({f[1]})"
+
+
+def report_lines(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
+    """Section 7 of RESULTS.md; `levels` are the by-concurrency rows of every server."""
+    fwd = p["forward"]
+    base = fwd["img_s"][FP32]
+    lines = [
+        f"Chosen by `precision: auto` here: **{p['chosen']}** (the gate's fidelity check: {p['fidelity']}).",
+        "",
+        "Forward only, batch 8, in process (median of interleaved rounds):",
+        "",
+        "| form | img/s | vs fp32 |",
+        "|---|---|---|",
+        *(f"| {_label(f)} | {v:.1f} | {v / base:.2f}x |" for f, v in fwd["img_s"].items()),
+    ]
+    if fwd["why_not_bf16"]:
+        lines += ["", f"bf16 rows: not measured here ({fwd['why_not_bf16']})."]
+    agree = p["agreement"]
+    lines += [
+        "",
+        f"On the demo's {agree['images']} held-out images (resnet18 trained {agree['epochs']} epochs here, "
+        f"{agree['train_s']:.0f} s), each form against fp32:",
+        "",
+        "| form | top-1 accuracy | top-1 agreement with fp32 | top-1 moved | largest probability difference |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {_label(f)} | {r['accuracy'] * 100:.1f}% | {r['agreement'] * 100:.2f}% | {r['moved']} | "
+            f"{r['max_prob_delta']:.4f} |"
+            for f, r in agree["rows"].items()
+        ),
+        "",
+        "Served, by concurrency (the limit is the in-process decode+preprocess+forward of that server's precision, "
+        "read next to the level):",
+        "",
+        "| server | c | img/s | limit | img/s / limit | p50 ms | p99 ms | errors | 503s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in levels:
+        if row["server"] in ("reloader", "reloader auto", "litserve", "litserve bf16") and row["c"] in (1, 16):
+            lines.append(
+                f"| {row['server']} | {row['c']} | {row['img_s']:.2f} | {row['limit_img_s']:.2f} | "
+                f"{row['img_s'] / row['limit_img_s']:.2f} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | "
+                f"{row['errors']} | {row['n503']} |"
+            )
+    return lines
+
+
+def _row(levels: list[dict[str, Any]], server: str, c: int) -> dict[str, Any] | None:
+    return next((r for r in levels if r["server"] == server and r["c"] == c), None)
+
+
+def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
+    """Issue 11's targets; the AMX rows only where this CPU has native bf16, else 'not measured here'."""
+    auto, fp32 = _row(levels, "reloader auto", 16), _row(levels, "reloader", 16)
+    lit, lit_bf16 = _row(levels, "litserve", 16), _row(levels, "litserve bf16", 16)
+    assert auto and fp32 and lit and lit_bf16
+    rows = ["| target | measured | ratio | result |", "|---|---|---|---|"]
+
+    def add(target: str, measured: str, ratio: float | None, ok: bool | None) -> None:
+        verdict = "not measured here" if ok is None else ("PASS" if ok else "**FAIL**")
+        rows.append(f"| {target} | {measured} | {'-' if ratio is None else f'{ratio:.2f}x'} | {verdict} |")
+
+    ratio = auto["img_s"] / fp32["img_s"]
+    add(
+        "auto c=16 >= 0.97x fp32 c=16 (any CPU)",
+        f"{auto['img_s']:.1f} vs {fp32['img_s']:.1f} img/s",
+        ratio,
+        ratio >= 0.97,
+    )
+    amx = p["forward"]["why_not_bf16"] is None
+    checks = [
+        ("auto c=16 >= 2.5x fp32 served c=16", auto["img_s"] / fp32["img_s"], 2.5, fp32["img_s"]),
+        (
+            "auto c=16 >= 90% of the in-process limit of its precision",
+            auto["img_s"] / auto["limit_img_s"],
+            0.9,
+            auto["limit_img_s"],
+        ),
+        ("auto c=16 >= 2x LitServe fp32 c=16", auto["img_s"] / lit["img_s"], 2.0, lit["img_s"]),
+        ("auto c=16 >= 1.1x LitServe bf16 c=16", auto["img_s"] / lit_bf16["img_s"], 1.1, lit_bf16["img_s"]),
+    ]
+    for target, value, bound, other in checks:
+        add(target + " (AMX)", f"{auto['img_s']:.1f} vs {other:.1f} img/s", value, value >= bound if amx else None)
+    p99 = auto["p99_ms"] / lit_bf16["p99_ms"]
+    add(
+        "auto c=16 p99 <= LitServe bf16 c=16 p99 (AMX)",
+        f"{auto['p99_ms']:.0f} vs {lit_bf16['p99_ms']:.0f} ms",
+        p99,
+        p99 <= 1.0 if amx else None,
+    )
+    bf16 = [r for f, r in p["agreement"]["rows"].items() if f[0] == "bf16"]
+    worst = min((r["agreement"] for r in bf16), default=None)
+    add(
+        "bf16 top-1 agreement with fp32 on the 400 held-out demo images >= 99.5% (AMX)",
+        "-" if worst is None else f"{worst * 100:.2f}% (the lower of its two forms)",
+        None,
+        None if worst is None else worst >= 0.995,
+    )
+    run: SwapRun = p["swaps"]
+    failed = run.extra["all"].errors + run.extra["all"].n503
+    add(f"auto, swaps under load: 0 failed requests ({len(run.drops)} drops)", f"{failed} failed", None, failed == 0)
+    during, steady = run.swapping.latency_ms(99), run.steady.latency_ms(99)
+    add(
+        "auto, p99 during swaps <= 1.5x steady (c=16)",
+        f"{during:.0f} vs {steady:.0f} ms",
+        during / steady,
+        during / steady <= 1.5,
+    )
+    return rows
