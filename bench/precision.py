@@ -3,6 +3,7 @@ images, and the precision `auto` chose served next to LitServe at fp32 and at bf
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -14,13 +15,11 @@ from reloader.architectures import build_model
 from reloader.checkpoints import load_checkpoint
 from reloader.hardware import Hardware
 from reloader.optimize import prepare_module
-from reloader.precision import FORMS, build, compare
+from reloader.precision import FORMS, FP32, build, compare
 
 from .inprocess import SPEEDUP_BATCH, _model_config
 from .reloads import SwapRun
 from .workload import MODEL, NUM_CLASSES
-
-FP32 = ("fp32", "eager")
 
 
 def forms() -> list[tuple[str, str]]:
@@ -59,6 +58,7 @@ def demo_agreement(tmp: Path, epochs: int) -> dict[str, Any]:
     from examples.shapes.dataset import ShapesDataset, preprocess
 
     out = tmp / "demo"
+    os.environ["TQDM_DISABLE"] = "1"  # the trainer's progress bar would fill the bench's log
     t0 = time.perf_counter()
     train.main(["--epochs", str(epochs), "--out", str(out), "--golden", str(tmp / "demo-golden")])
     train_s = time.perf_counter() - t0

@@ -21,7 +21,7 @@ from .config import ModelConfig
 from .errors import CheckpointIncomplete, CheckpointRejected, ConfigError, InvalidImage
 from .hardware import Hardware
 from .images import Preprocessor
-from .precision import choose, served
+from .precision import Form, choose, served
 from .report import CheckResult, ValidationReport, VariantResult, ms_since
 
 Prepare = Callable[[torch.nn.Module, ModelConfig], torch.nn.Module]
@@ -91,6 +91,7 @@ class Gate:
         if why is not None:
             raise ConfigError(f"models.{name}.precision: {why}; use fp32, or auto to take it only where it runs")
         self.warmup = self._warmup_images()
+        self._speeds: dict[Form, float] = {}  # img/s of each precision form, measured once per definition
 
     def _warmup_images(self) -> list[WarmupImage]:
         spec = self.config.warmup
@@ -134,7 +135,7 @@ class Gate:
                 with checks.check("fidelity") as detail:
                     images = torch.stack([image.tensor for image in self.warmup])
                     sources = [image.source for image in self.warmup]
-                    choice = choose(fp32, self.device, images, sources, self.config, self.hardware)
+                    choice = choose(fp32, self.device, images, sources, self.config, self.hardware, self._speeds)
                     module, precision, form, variants = choice.module, choice.precision, choice.form, choice.tried
                     detail.append(choice.summary())
                 del fp32  # a faster form serves alone: the fp32 reference is released here

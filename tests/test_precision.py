@@ -180,3 +180,14 @@ def test_the_daemon_shows_what_precision_serves_in_the_status_and_the_metrics(pr
     (labels,) = Scrape(daemon).labels("reloader_live_model_info")
     assert (labels["precision"], labels["device"], labels["version"]) == (live["precision"], live["device"], "1")
     assert daemon.predict("blue").json()["predictions"][0]["label"] == "blue"
+
+
+def test_speeds_are_measured_once_per_model_definition_not_for_every_file(project: Project):
+    gate = Gate("colours", configure(project, "auto"), prepare_module, XEON)
+    first = gate.judge(project.save("colours-v1.pt")).report
+    second = gate.judge(project.save("colours-v2.pt", colour_state_dict(scale=5.0))).report
+
+    assert first.passed and second.passed and first.sha256 != second.sha256
+    speeds = [{(v.precision, v.form): v.img_s for v in r.variants} for r in (first, second)]
+    assert speeds[0] == speeds[1] and all(s > 0 for s in speeds[0].values())
+    assert set(speeds[0]) == {("fp32", "eager"), ("bf16", "autocast"), ("bf16", "weights")}
