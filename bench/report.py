@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import precision
+from . import large, precision
 from .inprocess import RELOADER_FORWARD
 from .reloads import SwapRun, swap_timings
 
@@ -368,6 +368,10 @@ def write_results(path: Path, d: dict[str, Any]) -> None:
         "Targets of issue 11 (the AMX rows are measured only on a CPU with native bf16):",
         "",
         *precision.targets(d["precision"], d["levels"]),
+        "",
+        "## 8. A large model (issue 11)",
+        "",
+        *large.report_lines(d["precision"]["large"]),
         "",
     ]
     path.write_text("\n".join(lines))

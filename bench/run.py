@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import inprocess, precision, reloads, servers, workload
+from . import inprocess, large, precision, reloads, servers, workload
 from .client import measure
 from .report import write_results
 
@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             prec["swaps"] = reloads.swaps_under_load(
                 server, folder, images, staged, args.swap_duration, args.swap_every
             )
+
+        _phase("8. a large model: resnet101's gate and swap")
+        prec["large"] = large.measure(tmp, logs, servers.reloader)
 
         write_results(
             args.out,
