@@ -151,7 +151,8 @@ def _print_variants(report: ValidationReport) -> None:
         agreement = "-" if v.agreement is None else f"{v.agreement:.3f}"
         delta = "-" if v.max_prob_delta is None else f"{v.max_prob_delta:.4f}"
         speed = "-" if v.img_s is None else f"{v.img_s:.1f}"
-        verdict = "kept" if v.passed else v.detail
+        serves = (v.precision, v.form) == (report.precision, report.form)
+        verdict = "serves" if serves else "kept" if v.passed else v.detail
         row = f"{v.precision:<9} {v.form:<8} {v.device:<6} {agreement:>9} {delta:>7} {speed:>7} {v.ms:>7.0f}"
         print(f"    {row}  {verdict}")
 

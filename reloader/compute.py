@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import torch
 
@@ -37,3 +38,11 @@ def run_forward(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """One forward pass, in turn with every other, in the layout serving uses (so compiled graphs match)."""
     with FORWARD_LOCK, torch.inference_mode():
         return module(batch.contiguous(memory_format=torch.channels_last))
+
+
+def timed_forward(module: torch.nn.Module, batch: torch.Tensor) -> float:
+    """Seconds one forward pass takes, timed once it holds the lock (not counting the wait for it)."""
+    with FORWARD_LOCK, torch.inference_mode():
+        started = time.perf_counter()
+        module(batch.contiguous(memory_format=torch.channels_last))
+        return time.perf_counter() - started

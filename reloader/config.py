@@ -124,7 +124,8 @@ class ModelConfig(_Frozen):
     # fp32 serves as trained; bf16 only where the hardware has it natively; auto: the fastest form the
     # gate proves keeps the answers (see `fidelity`), and fp32 when none is at least 1.1x as fast.
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")  # auto: cuda when there is one
+    # cpu by default: a GPU is opted into (a trainer on the same machine may be using it); auto: cuda if any.
+    device: str = Field(default="cpu", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     fidelity: Fidelity = Fidelity()
 
     @field_validator("arch")

@@ -21,7 +21,7 @@ from .config import ModelConfig
 from .errors import CheckpointIncomplete, CheckpointRejected, ConfigError, InvalidImage
 from .hardware import Hardware
 from .images import Preprocessor
-from .precision import Form, choose, served
+from .precision import Form, Unfaithful, choose, served
 from .report import CheckResult, ValidationReport, VariantResult, ms_since
 
 Prepare = Callable[[torch.nn.Module, ModelConfig], torch.nn.Module]
@@ -77,7 +77,14 @@ class _Checks:
 class Gate:
     """The four checks in order, for one model definition; built once per config, reused for every file."""
 
-    def __init__(self, name: str, config: ModelConfig, prepare: Prepare, hardware: Hardware | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        prepare: Prepare,
+        hardware: Hardware | None = None,
+        speeds: dict[Form, float] | None = None,
+    ) -> None:
         self.name = name
         self.config = config
         self.preprocessor = Preprocessor(config.preprocess)
@@ -91,7 +98,8 @@ class Gate:
         if why is not None:
             raise ConfigError(f"models.{name}.precision: {why}; use fp32, or auto to take it only where it runs")
         self.warmup = self._warmup_images()
-        self._speeds: dict[Form, float] = {}  # img/s of each precision form, measured once per definition
+        # img/s of each precision form, measured once per definition (a new pin keeps them: same definition)
+        self.speeds: dict[Form, float] = {} if speeds is None else speeds
 
     def _warmup_images(self) -> list[WarmupImage]:
         spec = self.config.warmup
@@ -128,14 +136,19 @@ class Gate:
             with checks.check("warmup") as detail:
                 # Prepared after the finite check, which so names the checkpoint's own tensors, and before
                 # the warm-up, which so exercises exactly the module that will serve.
-                fp32 = self._prepare(module, self.config).to(self.device)
+                # On the device first, so what `prepare` compiles and warms is what will run there.
+                fp32 = self._prepare(module.to(self.device), self.config)
                 module = served(fp32, self.device)
                 detail.append(self._warmup(module))
             if self.config.precision != "fp32":
                 with checks.check("fidelity") as detail:
                     images = torch.stack([image.tensor for image in self.warmup])
                     sources = [image.source for image in self.warmup]
-                    choice = choose(fp32, self.device, images, sources, self.config, self.hardware, self._speeds)
+                    try:
+                        choice = choose(fp32, self.device, images, sources, self.config, self.hardware, self.speeds)
+                    except Unfaithful as exc:
+                        variants = exc.tried  # the report keeps every form's numbers, rejected too
+                        raise
                     module, precision, form, variants = choice.module, choice.precision, choice.form, choice.tried
                     detail.append(choice.summary())
                 del fp32  # a faster form serves alone: the fp32 reference is released here

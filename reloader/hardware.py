@@ -54,7 +54,9 @@ class Hardware:
         if precision == "fp32":
             return None
         if device.startswith("cuda"):
-            return None if torch.cuda.is_bf16_supported() else f"{device} has no native bf16"
+            # Native bf16 from Ampere (8.0) on; older GPUs only emulate it, slower than fp32.
+            major, minor = torch.cuda.get_device_capability(int(device.partition(":")[2] or 0))
+            return None if major >= 8 else f"{device} (compute capability {major}.{minor}) has no native bf16"
         if set(BF16_FLAGS) & self.cpu_flags:
             return None
         return (

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import fx
@@ -36,12 +35,11 @@ def prepare_module(module: torch.nn.Module, config: ModelConfig) -> torch.nn.Mod
     if config.optimize == "compile":
         # Batch 1 is specialised, so a batch of 2 compiles the dynamic-batch graph that later batches reuse.
         # A module in, an OptimizedModule (a Module subclass) out: torch's annotations only say "a callable".
-        # Freezing folds the weights into the graph as constants (inference only), and one compile worker
-        # keeps the work on the reload thread, whose priority is lowered, instead of a pool beside serving.
-        options: dict[str, str | int | bool | Callable[..., Any]] = {"freezing": True, "compile_threads": 1}
-        module = cast(torch.nn.Module, torch.compile(module, dynamic=True, options=options))
+        module = cast(torch.nn.Module, torch.compile(module, dynamic=True))
         side = config.preprocess.crop
-        run_forward(module, torch.zeros(2, 3, side, side))
+        # On the module's own device: compiled for the CPU, a module moved to CUDA would compile again.
+        device = next(module.parameters(), torch.empty(0)).device
+        run_forward(module, torch.zeros(2, 3, side, side, device=device))
     return module
 
 

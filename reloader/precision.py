@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .compute import run_forward
+from .compute import run_forward, timed_forward
 from .config import ModelConfig
 from .errors import CheckpointRejected
 from .hardware import Hardware
@@ -119,20 +119,29 @@ def compare(probs: torch.Tensor, reference: torch.Tensor) -> tuple[float, float,
     return 1.0 - len(moved) / len(reference), float((probs - reference).abs().max()), moved
 
 
-def measure(modules: dict[Form, nn.Module], batch: torch.Tensor, speeds: dict[Form, float]) -> None:
-    """img/s of each form not in `speeds` yet, added to it: the best of TIMED_ROUNDS passes, the forms taking
-    turns round by round (so a burst of load hits them alike), each pass in turn with serving's passes.
+def measure(modules: dict[Form, nn.Module], batch: torch.Tensor, speeds: dict[Form, float]) -> dict[Form, str]:
+    """img/s of each form, into `speeds`: the best of TIMED_ROUNDS passes, the forms taking turns round by
+    round (so a burst of load hits them alike), each pass timed once it holds the forward lock. Returns
+    the forms that failed to run at this batch size, with why.
 
     Speed depends on the architecture and the batch, not on the weights: the gate keeps `speeds` for its
-    model definition, so only the first file of a definition pays for timing, not every swap."""
-    todo = {f: m for f, m in modules.items() if f not in speeds}
-    for module in todo.values():
-        run_forward(module, batch)  # first-call allocations and oneDNN primitive creation
-    times: dict[Form, list[float]] = {f: [] for f in todo}
-    for _ in range(TIMED_ROUNDS if todo else 0):
-        for f, module in todo.items():
-            times[f].append(_seconds(module, batch))
+    model definition, so only its first file pays for timing. A form new to it is timed with all the others
+    again, so the numbers compared were taken side by side."""
+    if all(f in speeds for f in modules):
+        return {}
+    failed: dict[Form, str] = {}
+    times: dict[Form, list[float]] = {}
+    for f, module in modules.items():
+        try:
+            timed_forward(module, batch)  # first-call allocations and oneDNN primitive creation
+            times[f] = []
+        except Exception as exc:  # out of memory at the full batch, say: this form is not offered
+            failed[f] = f"failed at batch {len(batch)}: {type(exc).__name__}: {exc}"
+    for _ in range(TIMED_ROUNDS):
+        for f in times:
+            times[f].append(timed_forward(modules[f], batch))
     speeds.update({f: len(batch) / min(t) for f, t in times.items()})
+    return failed
 
 
 def pick(fp32_img_s: float | None, kept: Sequence[VariantResult], auto: bool) -> VariantResult | None:
@@ -143,6 +152,14 @@ def pick(fp32_img_s: float | None, kept: Sequence[VariantResult], auto: bool) ->
         return best
     assert fp32_img_s is not None and best.img_s is not None
     return best if best.img_s >= AUTO_MIN_SPEEDUP * fp32_img_s else None
+
+
+class Unfaithful(CheckpointRejected):
+    """No form of the asked precision kept the answers; `tried` has the numbers of each."""
+
+    def __init__(self, tried: Sequence[VariantResult]) -> None:
+        super().__init__("fidelity", "; ".join(f"{t.precision} ({t.form}): {t.detail}" for t in tried))
+        self.tried = tuple(tried)
 
 
 def choose(
@@ -158,8 +175,11 @@ def choose(
 
     `speeds` holds what earlier files of this model definition measured, and gets what this one measures."""
     auto = config.precision == "auto"
+    chunk = config.batch.max_size
     reference_module = served(fp32, device)
-    reference = run_forward(reference_module, images).float().softmax(dim=1)
+    reference = answers(reference_module, images, chunk)
+    if not bool(torch.isfinite(reference).all()):
+        raise CheckpointRejected("fidelity", "fp32 answers the golden images with NaN or inf in a batch")
     proven: list[VariantResult] = []
     modules: dict[Form, nn.Module] = {}
     for precision in ("bf16",) if auto else (config.precision,):
@@ -172,26 +192,35 @@ def choose(
             proven.append(result)
             if module is not None:
                 modules[(precision, form)] = module
-    if not modules:
-        if not auto:
-            raise CheckpointRejected("fidelity", "; ".join(f"{t.precision} ({t.form}): {t.detail}" for t in proven))
-        return Choice(reference_module, *FP32, tuple(proven))
-    if auto:
+    if modules and auto:
         modules = {FP32: reference_module, **modules}
     started = time.perf_counter()
-    measure(modules, images[torch.arange(config.batch.max_size) % len(images)], speeds)
-    each_ms = ms_since(started) / len(modules)
-    tried = [_timed_result(t, speeds, each_ms) for t in proven]
-    if auto:
+    failed = measure(modules, images[torch.arange(chunk) % len(images)], speeds)
+    each_ms = ms_since(started) / max(len(modules), 1)
+    tried = [_timed_result(t, speeds, failed, each_ms) for t in proven]
+    if FP32 in modules and FP32 not in failed:
         tried.insert(0, VariantResult(*FP32, device, True, "the reference", 1.0, 0.0, speeds[FP32], each_ms))
-    chosen = pick(speeds.get(FP32), [t for t in tried if t.passed and t.precision != "fp32"], auto)
+    kept = [t for t in tried if t.passed and t.precision != "fp32"]
+    if not auto and not kept:
+        raise Unfaithful(tried)
+    chosen = pick(speeds.get(FP32), kept, auto) if FP32 not in failed else None
     if chosen is None:
         return Choice(reference_module, *FP32, tuple(tried))
     return Choice(modules[(chosen.precision, chosen.form)], chosen.precision, chosen.form, tuple(tried))
 
 
-def _timed_result(result: VariantResult, speeds: dict[Form, float], ms: float) -> VariantResult:
-    speed = speeds.get((result.precision, result.form))
+def answers(module: nn.Module, images: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Probabilities for `images`, in batches no larger than serving's."""
+    return torch.cat([run_forward(module, part).float().softmax(dim=1) for part in images.split(chunk)])
+
+
+def _timed_result(
+    result: VariantResult, speeds: dict[Form, float], failed: dict[Form, str], ms: float
+) -> VariantResult:
+    form = (result.precision, result.form)
+    if form in failed:
+        return replace(result, passed=False, detail=failed[form], ms=result.ms + ms)
+    speed = speeds.get(form)
     if not result.passed or speed is None:
         return result
     return replace(result, detail=f"{result.detail}, {speed:.1f} img/s", img_s=speed, ms=result.ms + ms)
@@ -210,7 +239,7 @@ def _prove(
     started = time.perf_counter()
     try:
         module = build(fp32, precision, form, device)
-        probs = run_forward(module, images).float().softmax(dim=1)
+        probs = answers(module, images, config.batch.max_size)
     except Exception as exc:  # a form torch cannot build or run for this model is not offered
         detail = f"failed: {type(exc).__name__}: {exc}"
         return VariantResult(precision, form, device, False, detail, ms=ms_since(started)), None
@@ -226,9 +255,3 @@ def _prove(
     detail = "; ".join(problems) or f"agreement {agreement:.3f}, largest probability difference {delta:.4f}"
     kept = None if problems else module
     return VariantResult(precision, form, device, not problems, detail, agreement, delta, None, ms_since(started)), kept
-
-
-def _seconds(module: nn.Module, batch: torch.Tensor) -> float:
-    t0 = time.perf_counter()
-    run_forward(module, batch)
-    return time.perf_counter() - t0

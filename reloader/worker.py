@@ -209,10 +209,12 @@ class ModelWorker(LoopThread):
 
     def _current_gate(self, config: ModelConfig) -> Gate:
         if self._gate is None or self._gate_config != config:
-            if self._gate_config is None or not same_definition(self._gate_config, config):
+            same = self._gate_config is not None and same_definition(self._gate_config, config)
+            if not same:
                 self._cache.forget_rejections()  # a file rejected under the old definition may fit the new one
+            speeds = self._gate.speeds if same and self._gate is not None else None
             self._gate = None
-            self._gate = Gate(self.name, config, self._prepare)
+            self._gate = Gate(self.name, config, self._prepare, speeds=speeds)
             self._gate_config = config
         return self._gate
 

@@ -173,7 +173,7 @@ def test_the_daemon_shows_what_precision_serves_in_the_status_and_the_metrics(pr
 
     report = live["report"]
     assert (live["precision"], live["device"]) == (report["precision"], report["device"])
-    assert live["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert live["device"] == "cpu"  # the default: a GPU is opted into
     assert live["precision"] in ("fp32", "bf16")
     assert [c["name"] for c in report["checks"]][-1] == "fidelity"
     assert {v["precision"] for v in report["variants"]} >= {"bf16"}
@@ -191,3 +191,76 @@ def test_speeds_are_measured_once_per_model_definition_not_for_every_file(projec
     speeds = [{(v.precision, v.form): v.img_s for v in r.variants} for r in (first, second)]
     assert speeds[0] == speeds[1] and all(s > 0 for s in speeds[0].values())
     assert set(speeds[0]) == {("fp32", "eager"), ("bf16", "autocast"), ("bf16", "weights")}
+
+
+def test_once_a_bf16_weights_form_serves_the_fp32_module_is_freed(project: Project, monkeypatch):
+    import gc
+    import weakref
+
+    from reloader import precision
+
+    monkeypatch.setattr(precision, "FORMS", {"bf16": ("weights",)})
+    prepared: list[weakref.ref] = []
+
+    def prepare(module, config):
+        module = prepare_module(module, config)
+        prepared.append(weakref.ref(module))
+        return module
+
+    judged = Gate("colours", configure(project, "bf16"), prepare, XEON).judge(project.save("colours-v1.pt"))
+    gc.collect()
+    assert judged.report.passed and judged.report.form == "weights"
+    assert prepared and prepared[0]() is None, "the fp32 module outlived the check"
+    assert all(p.dtype == torch.bfloat16 for p in judged.module.parameters())
+
+
+def test_a_form_that_fails_at_the_full_batch_is_not_offered_and_auto_serves_fp32(project: Project, monkeypatch):
+    from reloader import precision
+
+    real_build = precision.build
+
+    class SmallBatchesOnly(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if len(x) > 3:
+                raise RuntimeError("out of memory")
+            return self.inner(x)
+
+    monkeypatch.setattr(precision, "build", lambda *args: SmallBatchesOnly(real_build(*args)))
+    report = (
+        Gate("colours", configure(project, "auto"), prepare_module, XEON).judge(project.save("colours-v1.pt")).report
+    )
+
+    assert report.passed and report.precision == "fp32"
+    failed = [v for v in report.variants if v.precision == "bf16"]
+    assert failed and all(not v.passed and v.detail.startswith("failed at batch 8: RuntimeError") for v in failed)
+
+
+def test_an_explicit_bf16_rejected_by_fidelity_keeps_each_forms_numbers_in_the_report(project: Project):
+    checkpoint = project.save("colours-v1.pt", near_tie_state_dict())
+    report = Gate("colours", configure(project, "bf16", expect=False), prepare_module, XEON).judge(checkpoint).report
+
+    assert not report.passed
+    assert [(v.form, v.passed, v.agreement) for v in report.variants] == [
+        ("autocast", False, pytest.approx(2 / 3)),
+        ("weights", False, pytest.approx(2 / 3)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("device: gpu", "models.colours.device: string should match pattern"),
+        ("device: 'cuda:'", "models.colours.device: string should match pattern"),
+        ("precision: int4", "models.colours.precision: input should be 'fp32', 'bf16' or 'auto'"),
+        ("fidelity: {min_agreement: 1.5}", "models.colours.fidelity.min_agreement: must be <= 1"),
+        ("fidelity: {max_prob_delta: -0.1}", "models.colours.fidelity.max_prob_delta: must be >= 0"),
+    ],
+)
+def test_precision_device_and_fidelity_outside_their_ranges_are_config_errors(project: Project, line, error):
+    project.write_config(colours_yaml().replace("    preprocess:", f"    {line}\n    preprocess:"))
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        load_config(project.config)
