@@ -1,7 +1,7 @@
 """What this machine can run fast: the CPU's instruction sets and the CUDA devices, read once.
 
 bf16 on a CPU without native bf16 instructions is far slower than fp32 (pytorch#183815: seconds per
-convolution on AVX2), so bf16 is offered only where the hardware has it.
+convolution on AVX2), and int8 is fast only with VNNI; so each is offered only where the hardware has it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class Hardware:
         """None when `precision` runs natively on `device` here, else why it does not."""
         if precision == "fp32":
             return None
+        if precision == "int8":
+            if device.startswith("cuda"):
+                return "int8 is quantized for x86 CPUs (oneDNN and FBGEMM kernels), not for CUDA"
+            if set(INT8_FLAGS) & self.cpu_flags:
+                return None
+            return f"int8 needs a CPU with VNNI or AMX-INT8, and this {self.cpu_model} has neither"
         if device.startswith("cuda"):
             # Native bf16 from Ampere (8.0) on; older GPUs only emulate it, slower than fp32.
             major, minor = torch.cuda.get_device_capability(int(device.partition(":")[2] or 0))

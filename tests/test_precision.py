@@ -19,7 +19,9 @@ from reloader.report import VariantResult
 
 EPYC = Hardware("AMD EPYC 7B13", frozenset({"avx2", "fma"}), 0)
 # A CPU with native bf16. On a machine without it the bf16 forms still run, only slowly: fine for a tiny net.
-XEON = Hardware("Intel Xeon (AMX)", frozenset({"avx512f", "avx512_bf16", "amx_bf16"}), 0)
+XEON = Hardware("Intel Xeon (AMX)", frozenset({"avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "amx_int8"}), 0)
+# bf16 but no VNNI: int8 is not offered (a made-up CPU, to take int8 out of a test about bf16).
+BF16_ONLY = Hardware("bf16-only CPU", frozenset({"avx512_bf16"}), 0)
 
 
 def configure(project: Project, precision: str, *, expect: bool = True, extra: str = "") -> ModelConfig:
@@ -35,6 +37,31 @@ def near_tie_state_dict() -> dict:
     state = colour_state_dict()
     state["fc.weight"] = torch.tensor([[4.0, 0.0, 0.0], [4.001, 0.0, 0.0], [0.0, 0.0, 4.0]])
     return state
+
+
+def test_int8_is_offered_only_on_a_cpu_with_vnni_and_never_on_cuda():
+    assert XEON.why_not("int8", "cpu") is None
+    assert Hardware("Xeon", frozenset({"avx_vnni"}), 0).why_not("int8", "cpu") is None
+    why = EPYC.why_not("int8", "cpu")
+    assert why is not None and "VNNI or AMX-INT8" in why and "AMD EPYC 7B13" in why
+    assert "not for CUDA" in XEON.why_not("int8", "cuda")
+
+
+def test_int8_is_calibrated_on_the_golden_images_and_proven_like_bf16(project: Project):
+    checkpoint = project.save("colours-v1.pt")
+    judged = Gate("colours", configure(project, "int8"), prepare_module, XEON).judge(checkpoint)
+    report = judged.report
+
+    assert report.passed, report.reason
+    assert (report.precision, report.form) == ("int8", "static")
+    (int8,) = report.variants
+    assert int8.passed and int8.agreement == 1.0 and int8.max_prob_delta <= 0.02 and int8.img_s > 0
+    rows = torch.stack([judged.preprocessor.load(png_bytes(c)) for c in COLOURS])
+    with torch.inference_mode():
+        answers = judged.module(rows.contiguous(memory_format=torch.channels_last))
+    assert answers.dtype == torch.float32
+    assert [COLOURS[i] for i in answers.argmax(dim=1)] == list(COLOURS)
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in judged.module.modules())
 
 
 def test_bf16_is_offered_only_on_a_cpu_with_native_bf16():
@@ -102,13 +129,25 @@ def test_a_form_that_changes_a_golden_top1_is_rejected_with_the_numbers(project:
 
 def test_auto_keeps_fp32_when_no_faster_form_keeps_the_answers(project: Project):
     checkpoint = project.save("colours-v1.pt", near_tie_state_dict())
-    judged = Gate("colours", configure(project, "auto", expect=False), prepare_module, XEON).judge(checkpoint)
+    judged = Gate("colours", configure(project, "auto", expect=False), prepare_module, BF16_ONLY).judge(checkpoint)
 
     assert judged.report.passed and judged.report.precision == "fp32"
     assert [(v.precision, v.form, v.passed) for v in judged.report.variants] == [
         ("bf16", "autocast", False),
         ("bf16", "weights", False),
+        ("int8", "-", False),
     ]
+    assert judged.report.variants[-1].detail.startswith("skipped: int8 needs a CPU with VNNI")
+
+
+def test_auto_does_not_take_int8_which_the_golden_images_calibrate_and_so_cannot_prove(project: Project):
+    report = (
+        Gate("colours", configure(project, "auto"), prepare_module, XEON).judge(project.save("colours-v1.pt")).report
+    )
+
+    assert report.passed and report.precision != "int8"
+    (int8,) = [v for v in report.variants if v.precision == "int8"]
+    assert not int8.passed and int8.detail.startswith("skipped: auto does not take int8: it is calibrated on the")
 
 
 def test_auto_on_a_cpu_without_bf16_skips_it_and_says_why(project: Project):
@@ -116,8 +155,9 @@ def test_auto_on_a_cpu_without_bf16_skips_it_and_says_why(project: Project):
     report = Gate("colours", configure(project, "auto"), prepare_module, EPYC).judge(checkpoint).report
 
     assert report.passed and report.precision == "fp32"
-    (skipped,) = report.variants
-    assert not skipped.passed and skipped.detail.startswith("skipped: bf16 needs a CPU with AMX-BF16")
+    bf16, int8 = report.variants
+    assert not bf16.passed and bf16.detail.startswith("skipped: bf16 needs a CPU with AMX-BF16")
+    assert not int8.passed and int8.detail.startswith("skipped: int8 needs a CPU with VNNI or AMX-INT8")
 
 
 def kept(form: str, img_s: float) -> VariantResult:
@@ -188,7 +228,7 @@ def test_speeds_are_measured_once_per_model_definition_not_for_every_file(projec
     second = gate.judge(project.save("colours-v2.pt", colour_state_dict(scale=5.0))).report
 
     assert first.passed and second.passed and first.sha256 != second.sha256
-    speeds = [{(v.precision, v.form): v.img_s for v in r.variants} for r in (first, second)]
+    speeds = [{(v.precision, v.form): v.img_s for v in r.variants if v.passed} for r in (first, second)]
     assert speeds[0] == speeds[1] and all(s > 0 for s in speeds[0].values())
     assert set(speeds[0]) == {("fp32", "eager"), ("bf16", "autocast"), ("bf16", "weights")}
 
@@ -255,7 +295,7 @@ def test_an_explicit_bf16_rejected_by_fidelity_keeps_each_forms_numbers_in_the_r
     [
         ("device: gpu", "models.colours.device: string should match pattern"),
         ("device: 'cuda:'", "models.colours.device: string should match pattern"),
-        ("precision: int4", "models.colours.precision: input should be 'fp32', 'bf16' or 'auto'"),
+        ("precision: int4", "models.colours.precision: input should be 'fp32', 'bf16', 'int8' or 'auto'"),
         ("fidelity: {min_agreement: 1.5}", "models.colours.fidelity.min_agreement: must be <= 1"),
         ("fidelity: {max_prob_delta: -0.1}", "models.colours.fidelity.max_prob_delta: must be >= 0"),
     ],
