@@ -58,7 +58,8 @@ class Limit:
         self.pre = Preprocessor(Preprocess(resize=256, crop=224))
         self.module = prepare_module(build_model(MODEL, NUM_CLASSES, sd), _model_config())
         if form != ("fp32", "eager"):  # the form reloader serves at another precision (section 7)
-            self.module = build(self.module, *form, "cpu")
+            calibration = torch.stack([self.pre.load(image) for image in images])  # for int8
+            self.module = build(self.module, *form, "cpu", calibration)
         self._offset = 0
         self.serve(max(BATCH_SIZES))  # first-call allocations and oneDNN primitive creation
 

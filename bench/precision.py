@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from reloader.architectures import build_model
 from reloader.checkpoints import load_checkpoint
@@ -23,14 +24,13 @@ from .workload import MODEL, NUM_CLASSES
 
 
 def forms() -> list[tuple[str, str]]:
-    """fp32, then every bf16 form where this CPU has native bf16 (elsewhere bf16 is not measured here)."""
-    if Hardware.detect().why_not("bf16", "cpu") is not None:
-        return [FP32]
-    return [FP32, *(("bf16", form) for form in FORMS["bf16"])]
+    """fp32, then every bf16 and int8 form this CPU runs natively (the others are not measured here)."""
+    hw = Hardware.detect()
+    return [FP32, *((p, f) for p in ("bf16", "int8") if hw.why_not(p, "cpu") is None for f in FORMS[p])]
 
 
-def module_for(fp32: torch.nn.Module, precision: str, form: str) -> torch.nn.Module:
-    return fp32 if (precision, form) == FP32 else build(fp32, precision, form, "cpu")
+def module_for(fp32: torch.nn.Module, precision: str, form: str, calibration: torch.Tensor) -> torch.nn.Module:
+    return fp32 if (precision, form) == FP32 else build(fp32, precision, form, "cpu", calibration)
 
 
 def forward_table(sd: dict[str, torch.Tensor], rounds: int) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def forward_table(sd: dict[str, torch.Tensor], rounds: int) -> dict[str, Any]:
     fp32 = prepare_module(build_model(MODEL, NUM_CLASSES, sd), _model_config())
     x = torch.randn(SPEEDUP_BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     x = x.contiguous(memory_format=torch.channels_last)
-    modules = {f: module_for(fp32, *f) for f in forms()}
+    modules = {f: module_for(fp32, *f, x) for f in forms()}
     times: dict[tuple[str, str], list[float]] = {f: [] for f in modules}
     with torch.inference_mode():
         for module in modules.values():
@@ -60,18 +60,21 @@ def demo_agreement(tmp: Path, epochs: int) -> dict[str, Any]:
     out = tmp / "demo"
     os.environ["TQDM_DISABLE"] = "1"  # the trainer's progress bar would fill the bench's log
     t0 = time.perf_counter()
-    train.main(["--epochs", str(epochs), "--out", str(out), "--golden", str(tmp / "demo-golden")])
+    golden_dir = tmp / "demo-golden"
+    train.main(["--epochs", str(epochs), "--out", str(out), "--golden", str(golden_dir)])
     train_s = time.perf_counter() - t0
     checkpoint = sorted(out.glob("*.pt"))[-1]
     model = build_model("resnet18", len(train.LABELS), load_checkpoint(checkpoint).state_dict)
     fp32 = prepare_module(model, _model_config().model_copy(update={"arch": "resnet18"}))
+    # int8 is calibrated on what the daemon calibrates it on: the golden images.
+    golden = torch.stack([preprocess()(Image.open(path).convert("RGB")) for path in sorted(golden_dir.glob("*.png"))])
     heldout = ShapesDataset(train.HELDOUT_SIZE, train.HELDOUT_SEED, preprocess())
     images = torch.stack([heldout[i][0] for i in range(len(heldout))]).contiguous(memory_format=torch.channels_last)
     labels = torch.tensor([heldout[i][1] for i in range(len(heldout))])
     probs = {}
     with torch.inference_mode():
         for f in forms():
-            module = module_for(fp32, *f)
+            module = module_for(fp32, *f, golden.contiguous(memory_format=torch.channels_last))
             probs[f] = torch.cat([module(chunk).float().softmax(dim=1) for chunk in images.split(50)])
     rows = {}
     for f, p in probs.items():
@@ -98,8 +101,10 @@ def report_lines(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|",
         *(f"| {_label(f)} | {v:.1f} | {v / base:.2f}x |" for f, v in fwd["img_s"].items()),
     ]
-    if fwd["why_not_bf16"]:
-        lines += ["", f"bf16 rows: not measured here ({fwd['why_not_bf16']})."]
+    for precision in ("bf16", "int8"):
+        why = Hardware.detect().why_not(precision, "cpu")
+        if why:
+            lines += ["", f"{precision} rows: not measured here ({why})."]
     agree = p["agreement"]
     lines += [
         "",
@@ -178,6 +183,14 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
         p99,
         p99 <= 1.0 if amx else None,
     )
+    for f, r in p["agreement"]["rows"].items():
+        if f[0] == "int8":
+            add(
+                "int8 (static, calibrated on the 4 golden images): agreement on the 400 held-out images, reported",
+                f"{r['agreement'] * 100:.2f}%; accuracy {r['accuracy'] * 100:.1f}%",
+                None,
+                True,
+            )
     bf16 = [r for f, r in p["agreement"]["rows"].items() if f[0] == "bf16"]
     worst = min((r["agreement"] for r in bf16), default=None)
     add(
