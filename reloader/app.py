@@ -13,7 +13,7 @@ import torch
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -70,8 +70,9 @@ class Service:
     async def read_body(self, request: Request) -> bytes:
         limit = self.supervisor.config.server.max_body_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"body of {declared} bytes exceeds max_body_bytes ({limit})")
+        # Compared by length first: int() of thousands of digits raises (and costs) before any comparison.
+        if declared.isascii() and declared.isdigit() and (len(declared) > len(str(limit)) or int(declared) > limit):
+            raise PayloadTooLarge(f"body of {declared[:20]} bytes exceeds max_body_bytes ({limit})")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -156,13 +157,26 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
 
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up before its body arrived: nobody reads an answer, and it is no server error.
+
+    499 is nginx's "client closed request"; it reaches the metrics and the access log, not the client."""
+    logger.info("client hung up during %s %s before its request was read", request.method, request.url.path)
+    return Response(status_code=499)
+
+
 async def unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
 
 
 # Registered once, on the app: handlers and parsers raise, these answer.
-EXCEPTION_HANDLERS = {ApiError: api_error, HTTPException: http_error, Exception: unexpected}
+EXCEPTION_HANDLERS = {
+    ApiError: api_error,
+    HTTPException: http_error,
+    ClientDisconnect: client_gone,
+    Exception: unexpected,
+}
 
 
 def build_app(service: Service, extra_routes: list[Route] | None = None) -> Starlette:

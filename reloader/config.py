@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import reprlib
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +20,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PositiveInt = Annotated[int, Field(gt=0)]
+MAX_CONFIG_BYTES = 1_000_000
+MAX_ALIASES = 100
+MAX_PROBLEMS = 10  # a config error names this many problems, and counts the rest
+MAX_LABELS_BYTES = 10_000_000
 
 
 class _Frozen(BaseModel):
@@ -38,27 +45,29 @@ def _resolve(value: Any, info: ValidationInfo) -> Any:
 class ServerConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    max_body_bytes: PositiveInt = 20_000_000
+    max_body_bytes: int = Field(default=20_000_000, gt=0, le=1_000_000_000)
     default_model: str | None = None
-    request_timeout_s: float = Field(default=30.0, gt=0)
+    request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     # On SIGTERM, requests in flight get this long to finish before the process exits anyway.
-    shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    shutdown_timeout_s: float = Field(default=30.0, ge=0, le=3600)
     access_log: bool = True
 
 
 class WatchConfig(_Frozen):
     # inotify misses changes made by other hosts on NFS/SMB and on some container volumes: poll there.
     poll: bool = False
-    poll_interval: float = Field(default=1.0, gt=0)
+    poll_interval: float = Field(default=1.0, gt=0, le=86_400)  # a day: in effect, reload on SIGHUP only
     # An in-place write is loaded once the file has been closed (or, when polling, unchanged) this long.
-    settle_ms: float = Field(default=200.0, ge=0)
+    settle_ms: float = Field(default=200.0, ge=0, le=60_000)
     # Editors and ConfigMaps touch the config folder several times per save.
-    config_debounce_ms: float = Field(default=100.0, ge=0)
+    config_debounce_ms: float = Field(default=100.0, ge=0, le=10_000)
 
 
 class Preprocess(_Frozen):
-    resize: PositiveInt = 256
-    crop: PositiveInt = 224
+    resize: int = Field(default=256, gt=0, le=4096)
+    crop: int = Field(default=224, gt=0, le=4096)
+    # Images with more pixels are refused before they are decoded (Pillow's own limit is 89,478,485).
+    max_pixels: int = Field(default=40_000_000, gt=0, le=89_478_485)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (
         IMAGENET_STD
@@ -98,10 +107,10 @@ class Warmup(_Frozen):
 
 
 class BatchConfig(_Frozen):
-    max_size: PositiveInt = 8
-    max_wait_ms: float = Field(default=2.0, ge=0)
+    max_size: int = Field(default=8, gt=0, le=1024)
+    max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     # Requests waiting beyond this answer 503 with Retry-After instead of queueing without bound.
-    queue_size: PositiveInt = 64
+    queue_size: int = Field(default=64, gt=0, le=100_000)
 
 
 class Fidelity(_Frozen):
@@ -151,7 +160,7 @@ class ModelConfig(_Frozen):
         if isinstance(value, (str, Path)):
             path = _resolve(value, info)
             try:
-                lines = path.read_text(encoding="utf-8").splitlines()
+                lines = _read_small(path, MAX_LABELS_BYTES).splitlines()
             except OSError as exc:
                 raise ValueError(f"cannot read labels file {str(path)!r}: {exc.strerror}") from exc
             return tuple(line.strip() for line in lines if line.strip())
@@ -172,7 +181,7 @@ class ModelConfig(_Frozen):
 class Config(_Frozen):
     server: ServerConfig = ServerConfig()
     watch: WatchConfig = WatchConfig()
-    models: dict[str, ModelConfig]
+    models: dict[str, ModelConfig] = Field(min_length=1)
     path: Path | None = None
     digest: str = ""
 
@@ -190,11 +199,18 @@ class Config(_Frozen):
         return next(iter(self.models)) if len(self.models) == 1 else None
 
 
+_SHOWN = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = 4
+_SHOWN.maxlevel = 2
+
+
 def _describe(error: ErrorDetails) -> str:
     where = ".".join(str(part) for part in error["loc"]) or "(top level)"
     ctx = error.get("ctx") or {}
     kind = error["type"]
-    value = error.get("input")
+    # A bounded repr: a YAML alias bomb nests lists a billion leaves deep, and a plain repr walks them all.
+    value = _Shown(_SHOWN.repr(error.get("input")))
     comparisons = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in comparisons:
         bound = next(iter(ctx.values()))
@@ -208,6 +224,52 @@ def _describe(error: ErrorDetails) -> str:
     return f"{where}: {error['msg'][0].lower()}{error['msg'][1:]}, got {value!r}"
 
 
+def _read_small(path: Path, limit: int) -> str:
+    """A regular text file of at most `limit` bytes (/dev/zero or a FIFO named by mistake would never end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+    return data.decode("utf-8", errors="replace")
+
+
+class _Shown(str):
+    """A value already shown: its repr is itself."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load that refuses duplicate keys (silently last-wins otherwise) and bounds alias expansion."""
+
+    aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_ALIASES} aliases (*name)", self.peek_event().start_mark
+                )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (each key may appear once)", key_node.start_mark
+                    )
+                seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_config(data: Any, *, base_dir: Path, source: str) -> Config:
     """Validate already-parsed YAML; `source` names the file in error messages."""
     if not isinstance(data, dict):
@@ -215,7 +277,10 @@ def parse_config(data: Any, *, base_dir: Path, source: str) -> Config:
     try:
         return Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors(include_url=False))
+        errors = exc.errors(include_url=False)
+        problems = "; ".join(_describe(e) for e in errors[:MAX_PROBLEMS])
+        if len(errors) > MAX_PROBLEMS:
+            problems += f"; and {len(errors) - MAX_PROBLEMS} more"
         raise ConfigError(f"{source}: {problems}") from exc
 
 
@@ -227,7 +292,9 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
     try:
-        data = yaml.safe_load(raw)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {len(raw)} bytes; a config is at most {MAX_CONFIG_BYTES}")
+        data = yaml.load(raw, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from exc
     config = parse_config(data, base_dir=path.parent, source=str(path))

@@ -11,6 +11,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .config import Preprocess
 from .errors import InvalidImage
 
+# Beyond this ratio of long to short side, only the part the crop keeps is resampled (see Preprocessor).
+MAX_ASPECT = 4
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
@@ -33,17 +35,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode any mode Pillow reads, apply EXIF orientation, return RGB; InvalidImage otherwise."""
     if not data:
         raise InvalidImage("empty body: send the image bytes")
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            limit = min(max_pixels or Image.MAX_IMAGE_PIXELS or 0, Image.MAX_IMAGE_PIXELS or max_pixels or 0)
+            if limit and width * height > limit:
                 raise InvalidImage(
-                    f"decompression bomb refused: {width}x{height} pixels exceeds the limit "
-                    f"of {Image.MAX_IMAGE_PIXELS} pixels"
+                    f"decompression bomb refused: {width}x{height} pixels exceeds the limit of {limit} pixels "
+                    "(preprocess.max_pixels)"
                 )
             img.load()
             oriented = ImageOps.exif_transpose(img)
@@ -73,12 +76,20 @@ class Preprocessor:
         short, long = (width, height) if width <= height else (height, width)
         new_short, new_long = self.spec.resize, int(self.spec.resize * long / short)
         size = (new_short, new_long) if width <= height else (new_long, new_short)
-        if size != img.size:
-            img = img.resize(size, resample=Image.Resampling.BILINEAR)
         crop = self.spec.crop
-        left = int(round((img.width - crop) / 2.0))
-        top = int(round((img.height - crop) / 2.0))
-        img = img.crop((left, top, left + crop, top + crop))
+        left = int(round((size[0] - crop) / 2.0))
+        top = int(round((size[1] - crop) / 2.0))
+        if new_long > MAX_ASPECT * new_short:
+            # A 100000x1 image would resize to 256x25,600,000 pixels before the crop: resample only the
+            # part the crop keeps (Pillow's box), so the work is crop x crop whatever the shape. Off by at
+            # most one level of 255 from resize-then-crop, which ordinary shapes keep, to the pixel.
+            sx, sy = width / size[0], height / size[1]
+            box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+            img = img.resize((crop, crop), resample=Image.Resampling.BILINEAR, box=box)
+        else:
+            if size != img.size:
+                img = img.resize(size, resample=Image.Resampling.BILINEAR)
+            img = img.crop((left, top, left + crop, top + crop))
         tensor = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
         tensor = tensor.to(torch.float32).div_(255.0)
         return tensor.sub_(self._mean).div_(self._std)
@@ -91,4 +102,4 @@ class Preprocessor:
         return self(Image.fromarray(rgb.transpose(1, 2, 0).astype(np.uint8), mode="RGB"))
 
     def load(self, data: bytes) -> torch.Tensor:
-        return self(decode_image(data))
+        return self(decode_image(data, self.spec.max_pixels))

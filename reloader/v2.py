@@ -37,6 +37,7 @@ INPUT = "IMAGE"
 OUTPUT = "PROBABILITIES"
 EXTENSIONS = ["classification", "binary_tensor_data"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_DIGITS = 18  # any length a request can have fits; more digits is no length at all
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,13 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> Infe
     """The JSON header, plus binary tensor data after it when the header length is given."""
     binary = b""
     if header_length is not None:
-        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
-            raise InvalidRequest(f"{HEADER_LENGTH} {header_length!r} is not a length within the {len(body)}-byte body")
+        # Bounded before int(): 5,000 digits would raise inside int() itself.
+        digits = header_length.isascii() and header_length.isdigit() and len(header_length) <= MAX_DIGITS
+        if not digits or int(header_length) > len(body):
+            shown = (
+                header_length if len(header_length) <= 40 else f"{header_length[:40]}... ({len(header_length)} chars)"
+            )
+            raise InvalidRequest(f"{HEADER_LENGTH} {shown!r} is not a length within the {len(body)}-byte body")
         body, binary = body[: int(header_length)], body[int(header_length) :]
     try:
         doc = _dict(json.loads(body), "the request")

@@ -1,0 +1,167 @@
+"""Hostile input and faults (issue 13): work bounded per request, per file and per config, and no 500s."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+
+import pytest
+import torch
+from conftest import Project, colours_yaml, png_bytes, wait_until
+from PIL import Image
+
+from reloader.checkpoints import load_checkpoint, sha256_file
+from reloader.config import Preprocess, load_config
+from reloader.errors import CheckpointRejected, ConfigError, InvalidImage
+from reloader.images import Preprocessor, decode_image
+
+
+def finishes(fn, seconds: float = 20.0):
+    """Run `fn` on a thread and fail, rather than hang the suite, if it does not return in time."""
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{fn} did not return in {seconds} s"
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result.get("value")
+
+
+# -- files -------------------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_path_that_became_a_symlink_to_dev_zero_is_refused_without_reading(project: Project):
+    link = project.checkpoints / "colours-v9.pt"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(CheckpointRejected, match="a symbolic link, not a regular file"):
+        finishes(lambda: load_checkpoint(link))
+    with pytest.raises(OSError, match="symbolic link"):
+        finishes(lambda: sha256_file(link))
+
+
+def test_a_checkpoint_path_that_became_a_fifo_is_refused_without_blocking(project: Project):
+    fifo = project.checkpoints / "colours-v9.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointRejected, match=r"not a regular file \(mode p"):
+        finishes(lambda: load_checkpoint(fifo))
+
+
+# -- requests ----------------------------------------------------------------------------------------
+
+
+def test_an_image_of_extreme_shape_is_resampled_only_where_the_crop_keeps(monkeypatch):
+    sizes: list[tuple[int, int]] = []
+    real_resize = Image.Image.resize
+
+    def recording(self, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    pre = Preprocessor(Preprocess(resize=256, crop=224))
+    for shape in ((100_000, 1), (1, 100_000), (3000, 20)):
+        tensor = pre(Image.new("RGB", shape, (200, 30, 30)))
+        assert tuple(tensor.shape) == (3, 224, 224)
+        assert float(tensor[0].mean()) == pytest.approx((200 / 255 - 0.485) / 0.229, abs=0.02)
+    # Without the box, 100000x1 would have been resized to 25,600,000x256 first.
+    assert max(w * h for w, h in sizes) <= 224 * 224
+
+
+def test_an_image_over_max_pixels_is_refused_before_it_is_decoded():
+    big = Image.new("RGB", (2000, 1000), (0, 0, 0))
+    import io
+
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    refused = r"2000x1000 pixels exceeds the limit of 1000000 pixels \(preprocess.max_pixels\)"
+    with pytest.raises(InvalidImage, match=refused):
+        decode_image(buf.getvalue(), max_pixels=1_000_000)
+    assert decode_image(buf.getvalue(), max_pixels=2_000_000).size == (2000, 1000)
+
+
+def test_an_inference_header_length_of_thousands_of_digits_is_a_400(project: Project, start_daemon):
+    project.save("colours-v1.pt")
+    daemon = start_daemon(project.config)
+    body = b'{"inputs": []}'
+    response = daemon.client.post(
+        "/v2/models/colours/infer", content=body, headers={"Inference-Header-Content-Length": "9" * 5000}
+    )
+    assert response.status_code == 400
+    assert "is not a length within the 14-byte body" in response.json()["error"]
+    assert len(response.json()["error"]) < 200
+
+
+def test_a_client_that_hangs_up_mid_upload_is_not_a_server_error(project: Project, start_daemon):
+    from test_metrics import Scrape
+
+    project.save("colours-v1.pt")
+    daemon = start_daemon(project.config)
+    with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+        head = "POST /models/colours/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        sock.sendall(f"{head}Content-Length: 100000\r\n\r\n".encode() + png_bytes("red")[:100])
+    route = "/models/{name}/predict"
+    wait_until(lambda: Scrape(daemon).value("reloader_http_requests_total", model="colours", route=route, code="499"))
+    assert Scrape(daemon).value("reloader_http_requests_total", model="colours", route=route, code="500") == 0
+    assert "unhandled error" not in daemon.log()
+    assert daemon.predict("green").json()["predictions"][0]["label"] == "green"
+
+
+# -- config ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("  port: 0\n", "  port: 0\n  port: 1\n"), "duplicate key 'port' (each key may appear"),
+        (lambda t: t[: t.index("models:")] + "models: {}\n", "models: dictionary should have at least 1 item"),
+        (lambda t: t + "watch: {config_debounce_ms: 1000000000}\n", "watch.config_debounce_ms: must be <= 10000"),
+        (lambda t: t.replace("{resize: 32, crop: 32}", "{resize: 100000, crop: 32}"), "must be <= 4096"),
+        (lambda t: t + "    batch: {queue_size: 10000000}\n", "must be <= 100000"),
+        (lambda t: t.replace("labels: [red, green, blue]", "labels: /dev/zero"), "not a regular file"),
+    ],
+    ids=["duplicate key", "no models", "debounce", "resize", "queue", "labels from /dev/zero"],
+)
+def test_sizes_durations_and_files_a_config_names_are_bounded(project: Project, edit, message):
+    project.write_config(edit(colours_yaml()))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        finishes(lambda: load_config(project.config))
+
+
+def test_a_yaml_alias_bomb_is_refused_by_its_number_of_aliases(project: Project):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join(['*a' + str(i - 1)] * 12)}]" for i in range(1, 10)]  # 108 aliases
+    bomb = "\n".join(levels) + "\n"
+    project.write_config(bomb + colours_yaml().replace("labels: [red, green, blue]", "labels: *a9"))
+    with pytest.raises(ConfigError, match="invalid YAML: more than 100 aliases"):
+        finishes(lambda: load_config(project.config))
+
+
+def test_a_bomb_within_the_alias_limit_gets_a_bounded_message(project: Project):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join(['*a' + str(i - 1)] * 8)}]" for i in range(1, 9)]
+    bomb = "\n".join(levels) + "\n"  # 64 aliases, 8**9 = 134 million leaves
+    project.write_config(bomb + colours_yaml().replace("labels: [red, green, blue]", "labels: *a8"))
+    with pytest.raises(ConfigError) as raised:
+        finishes(lambda: load_config(project.config))
+    assert len(str(raised.value)) < 2000, len(str(raised.value))
+    assert str(raised.value).endswith("more")  # ten problems named, the rest counted
+
+
+def test_the_cli_answers_a_bounded_config_error_in_one_line(project: Project):
+    from test_cli import run
+
+    project.write_config(colours_yaml().replace("{resize: 32, crop: 32}", "{resize: 100000, crop: 32}"))
+    result = run("validate", "--config", str(project.config), str(project.stage("good.pt")))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "must be <= 4096" in result.stderr
+    assert torch.__version__  # the subprocess ran the real CLI with torch installed
