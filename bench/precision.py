@@ -151,8 +151,8 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
     def ratio_of(a: float, b: float) -> float:
         return a / b if b else float("inf")
 
-    def add(target: str, measured: str, ratio: float | None, ok: bool | None) -> None:
-        verdict = "not measured here" if ok is None else ("PASS" if ok else "**FAIL**")
+    def add(target: str, measured: str, ratio: float | None, ok: bool | str | None) -> None:
+        verdict = ok if isinstance(ok, str) else "not measured here" if ok is None else "PASS" if ok else "**FAIL**"
         rows.append(f"| {target} | {measured} | {'-' if ratio is None else f'{ratio:.2f}x'} | {verdict} |")
 
     ratio = ratio_of(auto["img_s"], fp32["img_s"])
