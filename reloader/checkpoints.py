@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import pickle
@@ -16,6 +15,7 @@ from typing import BinaryIO
 import torch
 
 from .errors import CheckpointIncomplete, CheckpointRejected, UnsafeEnvironment
+from .files import open_regular
 
 SUFFIXES = (".pt", ".pth", ".safetensors")
 IGNORED_SUFFIXES = (".tmp", ".part", "~")
@@ -80,26 +80,8 @@ def scan(folder: Path) -> list[Candidate]:
     return sorted((c for c in found if c is not None), reverse=True)
 
 
-def open_regular(path: Path) -> BinaryIO:
-    """Open a checkpoint for reading only if it is a regular file, without following a link or blocking.
-
-    Between the scan and this open the path may have become a symlink (to /dev/zero, say, which would
-    never end) or a FIFO (which would block for good): OSError for anything but a regular file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, "a symbolic link, not a regular file", str(path)) from exc
-        raise
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, f"not a regular file (mode {stat.filemode(mode)})", str(path))
-    return os.fdopen(fd, "rb")
-
-
 def sha256_file(path: Path) -> str:
-    with open_regular(path) as fh:
+    with open_regular(path, follow_links=False) as fh:
         return hash_open_file(fh)
 
 
@@ -194,7 +176,7 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     """
     check_environment()
     try:
-        fh = open_regular(path)
+        fh = open_regular(path, follow_links=False)
     except OSError as exc:
         raise CheckpointRejected("load", f"cannot read file: {exc.strerror}") from exc
     with fh:

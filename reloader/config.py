@@ -6,7 +6,6 @@ import errno
 import hashlib
 import os
 import reprlib
-import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
+from .files import open_regular
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -226,10 +226,7 @@ def _describe(error: ErrorDetails) -> str:
 
 def _read_small(path: Path, limit: int) -> str:
     """A regular text file of at most `limit` bytes (/dev/zero or a FIFO named by mistake would never end)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
+    with open_regular(path, follow_links=True) as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit} bytes")

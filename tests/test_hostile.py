@@ -127,7 +127,7 @@ def test_a_client_that_hangs_up_mid_upload_is_not_a_server_error(project: Projec
         (lambda t: t + "watch: {config_debounce_ms: 1000000000}\n", "watch.config_debounce_ms: must be <= 10000"),
         (lambda t: t.replace("{resize: 32, crop: 32}", "{resize: 100000, crop: 32}"), "must be <= 4096"),
         (lambda t: t + "    batch: {queue_size: 10000000}\n", "must be <= 100000"),
-        (lambda t: t.replace("labels: [red, green, blue]", "labels: /dev/zero"), "not a regular file"),
+        (lambda t: t.replace("labels: [red, green, blue]", "labels: /dev/zero"), "not a regular file (mode c"),
     ],
     ids=["duplicate key", "no models", "debounce", "resize", "queue", "labels from /dev/zero"],
 )
