@@ -27,3 +27,13 @@ def open_regular(path: Path, *, follow_links: bool) -> BinaryIO:
         os.close(fd)
         raise OSError(errno.EINVAL, f"not a regular file (mode {stat.filemode(mode)})", str(path))
     return os.fdopen(fd, "rb")
+
+
+# Control characters (a newline in a file name would forge a log line) shown as \xNN.
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
+
+
+def shown(path: Path | str) -> str:
+    """A file name as text safe to put anywhere (JSON, a log line): bytes that are not UTF-8 and control
+    characters become \\xNN. Names are data; the daemon never shows one as it came."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace").translate(_CONTROL)

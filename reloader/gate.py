@@ -19,6 +19,7 @@ from .checkpoints import LoadedCheckpoint, load_checkpoint, parse_version
 from .compute import run_forward
 from .config import ModelConfig
 from .errors import CheckpointIncomplete, CheckpointRejected, ConfigError, InvalidImage
+from .files import shown
 from .hardware import Hardware
 from .images import Preprocessor
 from .precision import Form, Unfaithful, choose, served
@@ -156,7 +157,7 @@ class Gate:
             module = None
         report = ValidationReport(
             model=self.name,
-            path=str(path),
+            path=shown(path),
             version=parse_version(path.name),
             sha256=loaded.sha256 if loaded else None,
             size=loaded.size if loaded else None,

@@ -17,6 +17,7 @@ from .events import (
     ReloadFailed,
     SourceStatus,
 )
+from .files import shown
 
 # Named as before the reload core was split, so log filters on the logger name keep working.
 _checkpoint_log = logging.getLogger("reloader.jobs")
@@ -77,9 +78,9 @@ def log_event(event: Event) -> None:
         _checkpoint_log.info(
             "model %s: checkpoint %s seen (%s)",
             event.model,
-            event.path.name,
+            shown(event.path.name),
             event.how.value,
-            extra={"event": "checkpoint_seen", "model": event.model, "file": str(event.path), "how": event.how.value},
+            extra={"event": "checkpoint_seen", "model": event.model, "file": shown(event.path), "how": event.how.value},
         )
     elif isinstance(event, CheckpointJudged):
         _log_judged(event)
@@ -108,17 +109,18 @@ def log_event(event: Event) -> None:
 
 
 def _log_judged(event: CheckpointJudged) -> None:
-    fields = {"model": event.model, "file": str(event.path), "sha256": event.sha256}
+    fields = {"model": event.model, "file": shown(event.path), "sha256": event.sha256}
     if event.outcome is Outcome.REJECTED:
         fields |= {"event": "checkpoint_rejected", "reason": event.reason}
-        _checkpoint_log.warning("model %s: rejected %s: %s", event.model, event.path.name, event.reason, extra=fields)
+        name = shown(event.path.name)
+        _checkpoint_log.warning("model %s: rejected %s: %s", event.model, name, event.reason, extra=fields)
     if event.outcome is not Outcome.SWAPPED:
         return
     checks = {c.name: c.ms for c in event.report.checks}
     _checkpoint_log.info(
         "model %s: %s passed validation (%s)",
         event.model,
-        event.path.name,
+        shown(event.path.name),
         ", ".join(f"{name} {ms:.0f} ms" for name, ms in checks.items()),
         extra={**fields, "event": "checkpoint_validated", "timings_ms": checks},
     )
@@ -127,7 +129,7 @@ def _log_judged(event: CheckpointJudged) -> None:
         "model %s: version %s live (%s, sha256 %s) in %.0f ms%s, replacing %s",
         event.model,
         event.version,
-        event.path.name,
+        shown(event.path.name),
         (event.sha256 or "")[:12],
         event.report.total_ms,
         "" if since is None else f", {since:.0f} ms after it was seen",

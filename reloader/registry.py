@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from .config import ModelConfig
+from .files import shown
 from .images import Preprocessor
 from .report import ValidationReport
 
@@ -38,7 +39,7 @@ class LiveModel:
         return {
             "version": self.version,
             "sha256": self.sha256,
-            "path": str(self.path),
+            "path": shown(self.path),
             "loaded_at": self.loaded_at,
             "precision": self.report.precision,
             "device": self.report.device,

@@ -165,3 +165,27 @@ def test_the_cli_answers_a_bounded_config_error_in_one_line(project: Project):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "must be <= 4096" in result.stderr
     assert torch.__version__  # the subprocess ran the real CLI with torch installed
+
+
+def test_file_names_that_are_not_utf8_or_hold_a_newline_are_shown_escaped(project: Project, start_daemon):
+    project.save("colours-v1.pt")
+    daemon = start_daemon(project.config)
+    folder = os.fsencode(project.checkpoints)
+    for raw in (b"colours-v2\xff.pt", b"colours-v3\nINFO forged line.pt"):
+        with open(folder + b"/" + raw, "wb") as fh:  # garbage content: each is looked at, then rejected
+            fh.write(b"not a checkpoint")
+    shown = [f"{project.checkpoints}/colours-v2\\xff.pt", f"{project.checkpoints}/colours-v3\\x0aINFO forged line.pt"]
+
+    def rejected() -> bool:
+        response = daemon.get("/models/colours")
+        assert response.status_code == 200, response.text
+        files = {f["path"]: f["status"] for f in response.json()["files"]}
+        return all(files.get(name) == "rejected" for name in shown)
+
+    wait_until(rejected, what="both odd names to be listed as rejected")
+    assert daemon.get("/models").status_code == 200
+    for raw in (b"colours-v2\xff.pt", b"colours-v3\nINFO forged line.pt"):
+        os.remove(folder + b"/" + raw)  # gone from the folder, still in the events: still no 500
+    wait_until(lambda: len(daemon.status()["files"]) == 1, what="the odd names to leave the listing")
+    assert {e["file"] for e in daemon.status()["events"] if e["event"] == "rejected"} >= set(shown)
+    assert not [line for line in daemon.log().splitlines() if line.startswith("INFO forged")]
