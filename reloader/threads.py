@@ -40,10 +40,6 @@ class LoopThread:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def setup(self) -> None:
         """Runs first, on the thread itself."""
 

@@ -53,7 +53,6 @@ class FileState:
 class Found:
     """What the last pass found, for the status listing."""
 
-    config: ModelConfig  # the definition that pass worked with
     files: tuple[FileState, ...]
     error: str | None
     live_file: LiveFile
@@ -89,7 +88,7 @@ class ModelWorker(LoopThread):
         self._config = config  # guarded by _lock
         self._source = source  # guarded by _lock
         self._dirty = True  # guarded by _lock: a pass is owed regardless of deadlines
-        self._found = Found(config, (), None, LiveFile.NONE)  # guarded by _lock
+        self._found = Found((), None, LiveFile.NONE)  # guarded by _lock
         self._gate: Gate | None = None
         self._gate_config: ModelConfig | None = None  # the last config a gate was built for
         self._cache = CheckpointCache()
@@ -172,7 +171,7 @@ class ModelWorker(LoopThread):
         try:
             gate = self._current_gate(config)
         except ConfigError as exc:
-            self._publish(config, Settled((), self._found.live_file, str(exc)))
+            self._publish(Settled((), self._found.live_file, str(exc)))
             return
         listing = source.listing(self._clock())
         if listing.error != self._source_error:
@@ -198,7 +197,7 @@ class ModelWorker(LoopThread):
             if verdict is not None:
                 judged[path] = verdict
         self._cache.keep_only(c.path for c in listing.candidates)
-        self._publish(config, decision)
+        self._publish(decision)
 
     def _serving(self, config: ModelConfig) -> Serving | None:
         live = self.registry.get(self.name)
@@ -278,10 +277,10 @@ class ModelWorker(LoopThread):
         del previous  # requests still holding the old record finish on it, then it is freed
         release()
 
-    def _publish(self, config: ModelConfig, settled: Settled) -> None:
+    def _publish(self, settled: Settled) -> None:
         files = tuple(
             FileState(c.path, c.version, c.size, c.mtime_ns, self._cache.digest(c.path), status, reason)
             for c, status, reason in settled.files
         )
         with self._lock:
-            self._found = Found(config, files, settled.error, settled.live_file)
+            self._found = Found(files, settled.error, settled.live_file)
