@@ -259,11 +259,13 @@ class _Loader(yaml.SafeLoader):
             seen: set[Any] = set()
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=deep)
-                if isinstance(key, (str, int, float, bool)) and key in seen:
+                if not isinstance(key, (str, int, float, bool)):
+                    continue  # complex keys are refused by the schema anyway
+                if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"duplicate key {key!r} (each key may appear once)", key_node.start_mark
                     )
-                seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+                seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 

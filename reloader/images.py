@@ -42,8 +42,9 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            limit = min(max_pixels or Image.MAX_IMAGE_PIXELS or 0, Image.MAX_IMAGE_PIXELS or max_pixels or 0)
-            if limit and width * height > limit:
+            # The lower of the configured limit and Pillow's own; either may be unset (None).
+            limit = min((n for n in (max_pixels, Image.MAX_IMAGE_PIXELS) if n), default=None)
+            if limit is not None and width * height > limit:
                 raise InvalidImage(
                     f"decompression bomb refused: {width}x{height} pixels exceeds the limit of {limit} pixels "
                     "(preprocess.max_pixels)"
