@@ -12,26 +12,13 @@ from typing import Any
 
 import torch
 
+from reloader.hardware import Hardware
+
 from . import large, precision
 from .inprocess import RELOADER_FORWARD
 from .reloads import SwapRun, swap_timings
 
 MB = 1024 * 1024
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _cpu_flags() -> str:
-    """lscpu's flags line, as /proc/cpuinfo gives it: the machines differ (AMX, AVX512-BF16, VNNI or none)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def _ram_gib() -> float:
@@ -312,11 +299,11 @@ def write_results(path: Path, d: dict[str, Any]) -> None:
         "# reloader benchmark results",
         "",
         f"- Date: {d['started']}; the whole run took {d['elapsed_s'] / 60:.1f} min.",
-        f"- Machine: {os.cpu_count()} cores, {_cpu_model()}, {_ram_gib():.0f} GiB RAM; load average "
+        f"- Machine: {os.cpu_count()} cores, {Hardware.detect().cpu_model}, {_ram_gib():.0f} GiB RAM; load average "
         f"{d['load_start']} at the start and {d['load_end']} at the end (this run's own processes included; other "
         "jobs share the machine); as each "
         "part began: " + "; ".join(f"{name.split('.')[0]}: {load}" for name, load in d["phase_load"]) + ".",
-        f"- CPU flags: {_cpu_flags()}",
+        f"- CPU flags: {' '.join(sorted(Hardware.detect().cpu_flags))}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         f"- Threads: {f'set for every process: {env}' if env else 'torch defaults in every process'} "
         f"(torch.get_num_threads() = {torch.get_num_threads()} here); no server ran during another.",
