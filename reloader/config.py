@@ -210,18 +210,18 @@ def _describe(error: ErrorDetails) -> str:
     ctx = error.get("ctx") or {}
     kind = error["type"]
     # A bounded repr: a YAML alias bomb nests lists a billion leaves deep, and a plain repr walks them all.
-    value = _Shown(_SHOWN.repr(error.get("input")))
+    value = _SHOWN.repr(error.get("input"))
     comparisons = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in comparisons:
         bound = next(iter(ctx.values()))
-        return f"{where}: must be {comparisons[kind]} {bound}, got {value!r}"
+        return f"{where}: must be {comparisons[kind]} {bound}, got {value}"
     if kind == "missing":
         return f"{where}: is required"
     if kind == "extra_forbidden":
         return f"{where}: is not a known key"
     if kind == "value_error":
         return f"{where}: {ctx.get('error', error['msg'])}"
-    return f"{where}: {error['msg'][0].lower()}{error['msg'][1:]}, got {value!r}"
+    return f"{where}: {error['msg'][0].lower()}{error['msg'][1:]}, got {value}"
 
 
 def _read_small(path: Path, limit: int) -> str:
@@ -231,13 +231,6 @@ def _read_small(path: Path, limit: int) -> str:
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit} bytes")
     return data.decode("utf-8", errors="replace")
-
-
-class _Shown(str):
-    """A value already shown: its repr is itself."""
-
-    def __repr__(self) -> str:
-        return str(self)
 
 
 class _Loader(yaml.SafeLoader):
