@@ -110,17 +110,17 @@ def log_event(event: Event) -> None:
 
 def _log_judged(event: CheckpointJudged) -> None:
     fields = {"model": event.model, "file": shown(event.path), "sha256": event.sha256}
+    file = shown(event.path.name)
     if event.outcome is Outcome.REJECTED:
         fields |= {"event": "checkpoint_rejected", "reason": event.reason}
-        name = shown(event.path.name)
-        _checkpoint_log.warning("model %s: rejected %s: %s", event.model, name, event.reason, extra=fields)
+        _checkpoint_log.warning("model %s: rejected %s: %s", event.model, file, event.reason, extra=fields)
     if event.outcome is not Outcome.SWAPPED:
         return
     checks = {c.name: c.ms for c in event.report.checks}
     _checkpoint_log.info(
         "model %s: %s passed validation (%s)",
         event.model,
-        shown(event.path.name),
+        file,
         ", ".join(f"{name} {ms:.0f} ms" for name, ms in checks.items()),
         extra={**fields, "event": "checkpoint_validated", "timings_ms": checks},
     )
@@ -129,7 +129,7 @@ def _log_judged(event: CheckpointJudged) -> None:
         "model %s: version %s live (%s, sha256 %s) in %.0f ms%s, replacing %s",
         event.model,
         event.version,
-        shown(event.path.name),
+        file,
         (event.sha256 or "")[:12],
         event.report.total_ms,
         "" if since is None else f", {since:.0f} ms after it was seen",
