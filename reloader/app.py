@@ -186,7 +186,7 @@ def build_app(service: Service, extra_routes: list[Route] | None = None) -> Star
         top_k = parse_top_k(request, live.config.num_classes)
         data = await service.image_bytes(request)
         probs, served = await service.probabilities(live, [data], follow=True)
-        return JSONResponse(prediction(served, probs[0], top_k))
+        return JSONResponse(prediction(served, probs[0], top_k), headers=served.answer_headers())
 
     async def models(request: Request) -> Response:
         return JSONResponse(service.supervisor.describe())

@@ -27,9 +27,10 @@ class CheckpointCache:
         entry = self._hashes.get(path)
         return None if entry is None else entry[1]
 
-    def hash(self, candidate: Candidate) -> str:
-        """Read the file and remember its sha256 under the signature it was listed with. OSError if gone."""
-        digest = sha256_file(candidate.path)
+    def hash(self, candidate: Candidate, local: Path) -> str:
+        """Read `local` (the candidate's file, fetched) and remember its sha256 under the signature the
+        candidate was listed with. OSError if gone."""
+        digest = sha256_file(local)
         self.remember(candidate, digest)
         return digest
 

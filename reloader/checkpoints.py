@@ -53,11 +53,12 @@ class Candidate:
     path: Path
     size: int
     inode: int
+    tag: str = ""  # an object's ETag, for a bucket's candidates
 
     @property
-    def signature(self) -> tuple[int, int, int]:
+    def signature(self) -> tuple[int, int, int, str]:
         """Changes whenever the file's content may have changed; the sha256 decides if it really did."""
-        return (self.inode, self.size, self.mtime_ns)
+        return (self.inode, self.size, self.mtime_ns, self.tag)
 
 
 def stat_candidate(path: Path) -> Candidate | None:

@@ -15,6 +15,7 @@ from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
 from .files import open_regular
+from .locations import S3Location, default_cache_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -124,7 +125,7 @@ class ModelConfig(_Frozen):
     arch: str
     num_classes: PositiveInt
     labels: tuple[str, ...]
-    checkpoints: Path
+    checkpoints: S3Location | Path  # a folder, or s3://bucket/prefix/ (any S3 API; see README "Object storage")
     version: Literal["latest"] | Annotated[int, Field(ge=0)] = "latest"
     preprocess: Preprocess = Preprocess()
     warmup: Warmup = Warmup()
@@ -148,6 +149,8 @@ class ModelConfig(_Frozen):
     @field_validator("checkpoints", mode="before")
     @classmethod
     def _resolve_checkpoints(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and value.startswith("s3://"):
+            return S3Location.parse(value)
         return _resolve(value, info)
 
     @field_validator("labels", mode="before")
@@ -182,8 +185,17 @@ class Config(_Frozen):
     server: ServerConfig = ServerConfig()
     watch: WatchConfig = WatchConfig()
     models: dict[str, ModelConfig] = Field(min_length=1)
+    # Where s3:// checkpoints are downloaded to, one folder per model, and how many files each keeps there
+    # (the live version's file is never evicted, so the cache may briefly hold one more).
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    cache_keep: int = Field(default=3, ge=1, le=1000)
     path: Path | None = None
     digest: str = ""
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _resolve_cache_dir(cls, value: Any, info: ValidationInfo) -> Any:
+        return _resolve(value, info)
 
     @model_validator(mode="after")
     def _default_model(self) -> Config:

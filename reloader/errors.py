@@ -32,6 +32,10 @@ class CheckpointIncomplete(CheckpointRejected):
     """The file changed while it was read: it is still being written, so it is retried, not rejected."""
 
 
+class FetchFailed(ReloaderError):
+    """A remote source could not bring a checkpoint's bytes here; the next listing tries again."""
+
+
 # What a client caused or should retry. Each class says its HTTP status; the app registers one handler
 # for ApiError that answers {"error": message} with that status and headers. Nothing else picks statuses.
 

@@ -40,6 +40,7 @@ class CheckpointSeen:
     model: str
     path: Path
     how: FileEvent
+    file: str  # how the file is named to people: its path, or the object it came from
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,8 @@ class Gate:
             images.append(WarmupImage(path.name, tensor, spec.expect[i] if spec.expect else None))
         return images
 
-    def judge(self, path: Path) -> Judgement:
+    def judge(self, path: Path, name: str | None = None) -> Judgement:
+        """Judge the checkpoint file at `path`; `name` is how reports name it (the object it came from)."""
         started, t0 = time.time(), time.perf_counter()
         checks = _Checks()
         loaded: LoadedCheckpoint | None = None
@@ -157,7 +158,7 @@ class Gate:
             module = None
         report = ValidationReport(
             model=self.name,
-            path=shown(path),
+            path=shown(path) if name is None else name,
             version=parse_version(path.name),
             sha256=loaded.sha256 if loaded else None,
             size=loaded.size if loaded else None,

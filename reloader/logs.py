@@ -80,7 +80,7 @@ def log_event(event: Event) -> None:
             event.model,
             shown(event.path.name),
             event.how.value,
-            extra={"event": "checkpoint_seen", "model": event.model, "file": shown(event.path), "how": event.how.value},
+            extra={"event": "checkpoint_seen", "model": event.model, "file": event.file, "how": event.how.value},
         )
     elif isinstance(event, CheckpointJudged):
         _log_judged(event)
@@ -109,7 +109,7 @@ def log_event(event: Event) -> None:
 
 
 def _log_judged(event: CheckpointJudged) -> None:
-    fields = {"model": event.model, "file": shown(event.path), "sha256": event.sha256}
+    fields = {"model": event.model, "file": event.report.path, "sha256": event.sha256}
     file = shown(event.path.name)
     if event.outcome is Outcome.REJECTED:
         fields |= {"event": "checkpoint_rejected", "reason": event.reason}

@@ -29,7 +29,7 @@ from .config import ModelConfig
 from .source import Listing
 
 Pin = Literal["latest"] | int
-Signature = tuple[int, int, int]
+Signature = tuple[int, int, int, str]
 
 
 class FileStatus(str, Enum):

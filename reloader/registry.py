@@ -12,7 +12,6 @@ from typing import Any
 from torch import nn
 
 from .config import ModelConfig
-from .files import shown
 from .images import Preprocessor
 from .report import ValidationReport
 
@@ -35,11 +34,15 @@ class LiveModel:
     def labels(self) -> tuple[str, ...]:
         return self.config.labels
 
+    def answer_headers(self) -> dict[str, str]:
+        """On every prediction, so a load balancer's log shows which version answered."""
+        return {"X-Model-Version": str(self.version), "X-Model-Sha256": self.sha256}
+
     def describe(self) -> dict[str, Any]:
         return {
             "version": self.version,
             "sha256": self.sha256,
-            "path": shown(self.path),
+            "path": self.report.path,  # as the gate named it: the file, or the object it came from
             "loaded_at": self.loaded_at,
             "precision": self.report.precision,
             "device": self.report.device,

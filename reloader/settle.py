@@ -30,6 +30,7 @@ class FileEvent(str, Enum):
     CREATED = "created"
     WRITTEN = "written"
     DELETED = "deleted"
+    LISTED = "listed"  # a bucket listing showed a new or changed object (complete: S3 lists only finished uploads)
 
 
 IMMEDIATE = (FileEvent.MOVED, FileEvent.CLOSED, FileEvent.DELETED)

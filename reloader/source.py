@@ -3,9 +3,9 @@
 A source lists candidates (newest first), says which are still arriving and must not be loaded yet,
 hands the gate a local file for a candidate, and tells its worker when something changed. `LocalFolder`
 is driven by watcher events and the settle rules. A remote source (a polled bucket listing) fits the
-same shape: its candidates' paths are where `fetch` puts each object in a local cache, their signature
-changes with the object's ETag, an object still downloading is `arriving`, and `error` says why the
-endpoint cannot be listed while the worker keeps serving from memory.
+same shape (`bucket.BucketSource`): its candidates' paths are where `fetch` puts each object in a local
+cache, their signature changes with the object's ETag, its worker lists it again at `next_poll`, and
+`error` says why the endpoint cannot be listed while the worker keeps serving from memory.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Protocol
 from .checkpoints import Candidate, scan, stat_candidate
 from .config import WatchConfig
 from .events import CheckpointSeen, EventBus
+from .files import shown
 from .settle import FileEvent, Settling
 
 Clock = Callable[[], float]
@@ -42,6 +43,10 @@ class CheckpointSource(Protocol):
 
     def subscribe(self, wake: Wake) -> None: ...
 
+    def name(self, path: Path) -> str:
+        """How a candidate's file is named to people: its path, or the object it came from."""
+        ...
+
     def listing(self, now: float) -> Listing: ...
 
     def arriving(self, now: float) -> frozenset[Path]: ...
@@ -50,11 +55,21 @@ class CheckpointSource(Protocol):
 
     def unchanged(self, candidate: Candidate) -> bool: ...
 
-    def next_due(self) -> float | None: ...
+    def next_due(self) -> float | None:
+        """When a file still arriving should be looked at again; None when nothing is arriving."""
+        ...
+
+    def next_poll(self) -> float | None:
+        """When the source should be listed again on a schedule (not pending work); None: only on news."""
+        ...
 
     def retry(self, path: Path, now: float) -> None: ...
 
     def take_arrival(self, path: Path) -> float | None: ...
+
+    def keep(self, live: Path | None) -> None:
+        """A pass settled with `live` serving: a source may drop the local copies it no longer needs."""
+        ...
 
 
 class LocalFolder:
@@ -88,9 +103,12 @@ class LocalFolder:
                 self._arrived.pop(path, None)
         if first:
             # One event per file arriving, not per write: a plain `cp` sends dozens of write events.
-            self._bus.publish(CheckpointSeen(self.model, path, kind))
+            self._bus.publish(CheckpointSeen(self.model, path, kind, shown(path)))
         # A file still settling only moves the next deadline; a pass now would find it unfinished.
         self._wake(immediate)
+
+    def name(self, path: Path) -> str:
+        return shown(path)
 
     def listing(self, now: float) -> Listing:
         arriving = self.arriving(now)
@@ -112,6 +130,9 @@ class LocalFolder:
         with self._lock:
             return self._settling.next_due()
 
+    def next_poll(self) -> float | None:
+        return None  # the watcher reports changes (and polls, where `watch.poll` says so)
+
     def retry(self, path: Path, now: float) -> None:
         with self._lock:
             self._settling.retry(path, now)
@@ -120,3 +141,6 @@ class LocalFolder:
         """When the file was first reported, forgetting it: a rewrite of the path is a new arrival."""
         with self._lock:
             return self._arrived.pop(path, None)
+
+    def keep(self, live: Path | None) -> None:
+        pass  # the folder is the files themselves

@@ -11,7 +11,6 @@ from collections import deque
 from typing import Any
 
 from .events import CheckpointJudged, Event, Outcome, ReloadFailed
-from .files import shown
 from .policy import same_definition
 from .registry import LiveModel
 from .worker import ModelWorker
@@ -31,7 +30,7 @@ class EventLog:
         entry: dict[str, Any]
         if isinstance(event, CheckpointJudged):
             entry = {"event": event.outcome, "result": RESULT[event.outcome], "reason": event.reason}
-            entry |= {"file": shown(event.path), "timings_ms": event.timings_ms()}
+            entry |= {"file": event.report.path, "timings_ms": event.timings_ms()}
         elif isinstance(event, ReloadFailed):
             entry = {"event": Outcome.ERROR, "result": "error", "reason": event.error}
         else:
@@ -63,7 +62,7 @@ def describe_model(worker: ModelWorker, live: LiveModel | None, events: list[dic
         "version_policy": config.version,
         "files": [
             {
-                "path": shown(f.path),
+                "path": f.name,
                 "version": f.version,
                 "size": f.size,
                 "mtime_ns": f.mtime_ns,

@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ModelConfig, WatchConfig, load_config
+from .bucket import BucketSource
+from .config import Config, ModelConfig, load_config
 from .errors import ConfigError
 from .events import ConfigApplied, ConfigRejected
+from .locations import S3Location
 from .settle import FileEvent
 from .source import CheckpointSource, LocalFolder
 from .status import EventLog, describe_model
@@ -159,22 +161,27 @@ class Supervisor(LoopThread):
             if name not in self._workers:
                 self._add(name, model)
                 logger.info("model %s: added", name)
-            elif old.models[name] != model or old.watch != new.watch:
+            elif old.models[name] != model or _sources_differ(old, new):
                 worker = self._workers[name]
-                worker.set_config(model, self._source(name, model, new.watch, worker.source))
+                worker.set_config(model, self._source(name, new, worker.source))
                 logger.info("model %s: definition changed; validating before it replaces the live one", name)
 
-    def _source(
-        self, name: str, model: ModelConfig, watch: WatchConfig, current: CheckpointSource | None = None
-    ) -> LocalFolder:
-        """The model's source: the current one, told the new watch settings, while the folder stays."""
-        if isinstance(current, LocalFolder) and current.folder == model.checkpoints:
+    def _source(self, name: str, config: Config, current: CheckpointSource | None = None) -> CheckpointSource:
+        """The model's source: the current one, told the new settings, while the folder or prefix stays."""
+        where, watch = config.models[name].checkpoints, config.watch
+        if isinstance(where, S3Location):
+            cache = config.cache_dir
+            if isinstance(current, BucketSource) and (current.where, current.folder) == (where, cache / name):
+                current.configure(watch, config.cache_keep)
+                return current
+            return BucketSource(name, where, watch, cache, config.cache_keep, self._bus, self._clock)
+        if isinstance(current, LocalFolder) and current.folder == where:
             current.configure(watch)
             return current
-        return LocalFolder(name, model.checkpoints, watch, self._bus, self._clock)
+        return LocalFolder(name, where, watch, self._bus, self._clock)
 
     def _add(self, name: str, model: ModelConfig) -> None:
-        source = self._source(name, model, self.config.watch)
+        source = self._source(name, self.config)
         worker = ModelWorker(name, model, source, self._shared)
         self._workers[name] = worker
         worker.start()
@@ -193,3 +200,7 @@ class Supervisor(LoopThread):
 
     def _describe(self, worker: ModelWorker) -> dict[str, Any]:
         return describe_model(worker, self.registry.get(worker.name), self._events.newest_first(worker.name))
+
+
+def _sources_differ(old: Config, new: Config) -> bool:
+    return (old.watch, old.cache_dir, old.cache_keep) != (new.watch, new.cache_dir, new.cache_keep)

@@ -284,12 +284,12 @@ def v2_routes(service: Service) -> list[Route]:
             if raw is not None:
                 parts.append(raw)
         if not parts:
-            return JSONResponse(header)
+            return JSONResponse(header, headers=live.answer_headers())
         head = json.dumps(header, separators=(",", ":")).encode()
         return Response(
             head + b"".join(parts),
             media_type="application/octet-stream",
-            headers={HEADER_LENGTH: str(len(head))},
+            headers={HEADER_LENGTH: str(len(head)), **live.answer_headers()},
         )
 
     model = "/v2/models/{name}"

@@ -190,7 +190,8 @@ class Watcher(LoopThread):
 
     def _follow(self, config: Config) -> None:
         """Watch exactly the folders the current config names."""
-        wanted = {model.checkpoints for model in config.models.values()}
+        # A bucket is listed by its own source; only folders on this machine are watched.
+        wanted = {m.checkpoints for m in config.models.values() if isinstance(m.checkpoints, Path)}
         if config.watch.poll != self.polling:
             logger.warning("watch.poll changes take effect after a restart")
         with self._lock:

@@ -26,7 +26,7 @@ from torch import nn
 from .caches import CheckpointCache
 from .compute import lower_thread_priority
 from .config import ModelConfig
-from .errors import ConfigError
+from .errors import ConfigError, FetchFailed
 from .events import CheckpointJudged, EventBus, Outcome, ReloadFailed, SourceStatus
 from .gate import Gate, Judgement, Prepare
 from .memory import release
@@ -41,6 +41,7 @@ logger = logging.getLogger("reloader.jobs")  # the name log filters know (see lo
 @dataclass(frozen=True)
 class FileState:
     path: Path
+    name: str  # as people see it (see CheckpointSource.name)
     version: int
     size: int
     mtime_ns: int
@@ -144,8 +145,8 @@ class ModelWorker(LoopThread):
     def tick(self) -> float | None:
         with self._lock:
             source, dirty, self._dirty = self._source, self._dirty, False
-        due = source.next_due()
-        if dirty or (due is not None and due <= self._clock()):
+        due, poll = source.next_due(), source.next_poll()
+        if dirty or any(t is not None and t <= self._clock() for t in (due, poll)):
             self.passes += 1  # counted as it starts, so a swap seen from outside is already counted
             try:
                 self._pass()
@@ -153,10 +154,11 @@ class ModelWorker(LoopThread):
                 self._failed(exc)
         with self._lock:
             # Read under the lock an event's wake-up takes, so a deadline set meanwhile is not missed.
-            due = source.next_due()
+            due, poll = source.next_due(), source.next_poll()
             if not self._dirty and due is None:
-                self._idle.set()
-        return None if due is None else max(0.0, due - self._clock())
+                self._idle.set()  # a scheduled listing (`poll`) is not pending work
+        wake_at = min((t for t in (due, poll) if t is not None), default=None)
+        return None if wake_at is None else max(0.0, wake_at - self._clock())
 
     def _failed(self, exc: Exception) -> None:
         logger.exception("model %s: reload pass failed: %s: %s", self.name, type(exc).__name__, exc)
@@ -171,7 +173,7 @@ class ModelWorker(LoopThread):
         try:
             gate = self._current_gate(config)
         except ConfigError as exc:
-            self._publish(Settled((), self._found.live_file, str(exc)))
+            self._publish(source, Settled((), self._found.live_file, str(exc)))
             return
         listing = source.listing(self._clock())
         if listing.error != self._source_error:
@@ -185,8 +187,8 @@ class ModelWorker(LoopThread):
             path = decision.candidate.path
             if isinstance(decision, Hash):
                 try:
-                    self._cache.hash(decision.candidate)
-                except OSError:
+                    self._cache.hash(decision.candidate, source.fetch(decision.candidate))
+                except (OSError, FetchFailed):
                     live = self.registry.get(self.name)
                     if live is not None and live.path == path:
                         raise  # what serves cannot be told apart from what is on disk: fail the pass, retry
@@ -197,7 +199,9 @@ class ModelWorker(LoopThread):
             if verdict is not None:
                 judged[path] = verdict
         self._cache.keep_only(c.path for c in listing.candidates)
-        self._publish(decision)
+        self._publish(source, decision)
+        live = self.registry.get(self.name)
+        source.keep(None if live is None else live.path)
 
     def _serving(self, config: ModelConfig) -> Serving | None:
         live = self.registry.get(self.name)
@@ -222,7 +226,11 @@ class ModelWorker(LoopThread):
     ) -> tuple[FileStatus, str | None] | None:
         """Judge one file and act on the verdict: swap it in (None), or say why it does not serve."""
         cand = action.candidate
-        judgement = gate.judge(source.fetch(cand))
+        try:
+            local = source.fetch(cand)
+        except FetchFailed as exc:  # the endpoint failed mid-pass: nothing was judged, the next listing retries
+            return (FileStatus.INCOMPLETE, str(exc))
+        judgement = gate.judge(local, source.name(cand.path))
         report = judgement.report
         unchanged = source.unchanged(cand)
         if report.sha256 is not None and unchanged:
@@ -241,7 +249,7 @@ class ModelWorker(LoopThread):
                 # Cached by content, so no later pass reads it again (a file torch cannot load has no
                 # sha256 in its report: hash it now, once).
                 try:
-                    digest = report.sha256 or digest or self._cache.hash(cand)
+                    digest = report.sha256 or digest or self._cache.hash(cand, local)
                     self._cache.reject(digest, reason)
                 except OSError:
                     pass
@@ -277,9 +285,10 @@ class ModelWorker(LoopThread):
         del previous  # requests still holding the old record finish on it, then it is freed
         release()
 
-    def _publish(self, settled: Settled) -> None:
+    def _publish(self, source: CheckpointSource, settled: Settled) -> None:
+        digest = self._cache.digest
         files = tuple(
-            FileState(c.path, c.version, c.size, c.mtime_ns, self._cache.digest(c.path), status, reason)
+            FileState(c.path, source.name(c.path), c.version, c.size, c.mtime_ns, digest(c.path), status, reason)
             for c, status, reason in settled.files
         )
         with self._lock:

@@ -1,0 +1,42 @@
+"""Where checkpoints live besides a folder: a bucket prefix, and the cache its objects are downloaded to."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+# S3's bucket naming rules: 3-63 lower-case letters, digits, dots and hyphens, starting and ending alphanumeric.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class S3Location(BaseModel):
+    """`s3://bucket/prefix/`: the objects directly under the prefix are the model's checkpoints."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bucket: str
+    prefix: str  # "" or ending in "/"
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Location:
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        if not _BUCKET.match(bucket):
+            raise ValueError(f"{uri!r}: the bucket name must be 3-63 lower-case letters, digits, dots and hyphens")
+        prefix = prefix.strip("/")
+        return cls(bucket=bucket, prefix=f"{prefix}/" if prefix else "")
+
+    def uri(self, name: str = "") -> str:
+        return f"s3://{self.bucket}/{self.prefix}{name}"
+
+    def __str__(self) -> str:
+        return self.uri()
+
+
+def default_cache_dir() -> Path:
+    systemd = os.environ.get("CACHE_DIRECTORY")  # set by the unit's CacheDirectory= (':'-separated if several)
+    if systemd:
+        return Path(systemd.split(":")[0])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reloader"
