@@ -45,8 +45,12 @@ at start exits 2."""
 
 VALIDATE_DESCRIPTION = """\
 Run the validation gate on one checkpoint, offline, without serving it: the same
-checks serve runs before a swap (load, structure, finite, warmup). Handy in a
-training pipeline's CI.
+checks serve runs before a swap (load, structure, finite, warmup, and fidelity and
+evaluation where the config asks). Handy in a training pipeline's CI.
+
+--baseline FILE scores FILE on the model's evaluation set first and judges the
+checkpoint against it, as the daemon judges a candidate against the live version
+(max_regression), then prints the accuracy table.
 
 exit codes: 0 the checkpoint passes, 1 it is rejected (the report says why),
 2 a usage or config error."""
@@ -105,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = command("validate", "run the validation gate on one checkpoint, offline", VALIDATE_DESCRIPTION)
     validate.add_argument("--model", help="model name in the config (default: the default model)")
     validate.add_argument("--json", action="store_true", help="print the report as JSON")
+    validate.add_argument(
+        "--baseline", type=Path, help="compare with this checkpoint on the evaluation set, as with the live version"
+    )
     validate.add_argument("file", type=Path, help="the checkpoint file to check")
     return parser
 
@@ -128,9 +135,20 @@ def _validate(args: argparse.Namespace) -> int:
     name = args.model or config.default_model
     if name is None or name not in config.models:
         raise ConfigError(f"{config.path}: --model must name one of {sorted(config.models)}, got {name!r}")
-    if not args.file.is_file():
-        raise ConfigError(f"{args.file}: no such file")
-    report = Gate(name, config.models[name], prepare_module).judge(args.file).report
+    for path in (args.file, args.baseline):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{path}: no such file")
+    gate = Gate(name, config.models[name], prepare_module)
+    baseline = None
+    if args.baseline is not None:
+        if gate.evaluation is None:
+            raise ConfigError(f"{config.path}: models.{name} has no evaluation set, which --baseline compares on")
+        judged = gate.judge(args.baseline)
+        if judged.module is None:
+            raise ConfigError(f"{args.baseline}: the baseline fails the gate itself: {judged.report.reason}")
+        baseline = gate.score(judged.module)
+        del judged
+    report = gate.judge(args.file, live=baseline).report
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -139,7 +157,22 @@ def _validate(args: argparse.Namespace) -> int:
         for check in report.checks:
             print(f"  [{'ok' if check.passed else 'FAIL'}] {check.name:<9} {check.detail} ({check.ms:.1f} ms)")
         _print_variants(report)
+        _print_evaluation(report, "baseline" if baseline is not None else None)
     return 0 if report.passed else 1
+
+
+def _print_evaluation(report: ValidationReport, against: str | None) -> None:
+    result = report.evaluation
+    if result is None:
+        return
+    print(f"  evaluation on {result.images} images: top-1 recall per label, then accuracy")
+    print(f"    {'label':<16} {'candidate':>9}" + (f" {against:>9}   change" if against else ""))
+    rows = [(label, recall, (result.live_recall or {}).get(label)) for label, recall in result.recall.items()]
+    for label, ours, theirs in [*rows, ("accuracy", result.accuracy, result.live_accuracy)]:
+        line = f"    {label:<16} {ours:>9.3f}"
+        if against and theirs is not None:
+            line += f" {theirs:>9.3f} {ours - theirs:>+8.3f}"
+        print(line)
 
 
 def _print_variants(report: ValidationReport) -> None:

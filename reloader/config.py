@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import os
 import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -14,33 +13,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
+from .evalset import Evaluation
 from .files import open_regular
-from .locations import S3Location, default_cache_dir
+from .locations import S3Location, default_cache_dir, resolve_path
+from .yamlfile import load_yaml
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 MAX_CONFIG_BYTES = 1_000_000
-MAX_ALIASES = 100
 MAX_PROBLEMS = 10  # a config error names this many problems, and counts the rest
 MAX_LABELS_BYTES = 10_000_000
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-def _resolve(value: Any, info: ValidationInfo) -> Any:
-    """Relative paths resolve against the config file's folder, not the working directory."""
-    if value is None or not isinstance(value, (str, Path)):
-        return value
-    path = Path(value).expanduser()
-    base = (info.context or {}).get("base_dir")
-    if base is not None and not path.is_absolute():
-        path = Path(base) / path
-    # Normalised without following links, so watcher events (reported under this path) compare equal.
-    return Path(os.path.abspath(path))
 
 
 class ServerConfig(_Frozen):
@@ -89,7 +77,7 @@ class Warmup(_Frozen):
     @classmethod
     def _resolve_images(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, (list, tuple)):
-            return tuple(_resolve(v, info) for v in value)
+            return tuple(resolve_path(v, info) for v in value)
         return value
 
     @field_validator("images")
@@ -137,6 +125,7 @@ class ModelConfig(_Frozen):
     # cpu by default: a GPU is opted into (a trainer on the same machine may be using it); auto: cuda if any.
     device: str = Field(default="cpu", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     fidelity: Fidelity = Fidelity()
+    evaluation: Evaluation | None = None  # scored after warm-up; see README "Evaluation and regression"
 
     @field_validator("arch")
     @classmethod
@@ -151,7 +140,7 @@ class ModelConfig(_Frozen):
     def _resolve_checkpoints(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str) and value.startswith("s3://"):
             return S3Location.parse(value)
-        return _resolve(value, info)
+        return resolve_path(value, info)
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -161,7 +150,7 @@ class ModelConfig(_Frozen):
 
             return imagenet_labels()
         if isinstance(value, (str, Path)):
-            path = _resolve(value, info)
+            path = resolve_path(value, info)
             try:
                 lines = _read_small(path, MAX_LABELS_BYTES).splitlines()
             except OSError as exc:
@@ -178,6 +167,10 @@ class ModelConfig(_Frozen):
         for label in self.warmup.expect or ():
             if label not in self.labels:
                 raise ValueError(f"warmup.expect names {label!r}, which is not one of the labels")
+        if self.evaluation is not None:
+            unknown = sorted({label for _, label in self.evaluation.files} - set(self.labels))
+            if unknown:
+                raise ValueError(f"evaluation.images has folders that are not labels: {', '.join(unknown)}")
         return self
 
 
@@ -195,7 +188,7 @@ class Config(_Frozen):
     @field_validator("cache_dir", mode="before")
     @classmethod
     def _resolve_cache_dir(cls, value: Any, info: ValidationInfo) -> Any:
-        return _resolve(value, info)
+        return resolve_path(value, info)
 
     @model_validator(mode="after")
     def _default_model(self) -> Config:
@@ -245,35 +238,6 @@ def _read_small(path: Path, limit: int) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-class _Loader(yaml.SafeLoader):
-    """safe_load that refuses duplicate keys (silently last-wins otherwise) and bounds alias expansion."""
-
-    aliases = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            self.aliases += 1
-            if self.aliases > MAX_ALIASES:
-                raise yaml.composer.ComposerError(
-                    None, None, f"more than {MAX_ALIASES} aliases (*name)", self.peek_event().start_mark
-                )
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        if isinstance(node, yaml.MappingNode):
-            seen: set[Any] = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if not isinstance(key, (str, int, float, bool)):
-                    continue  # complex keys are refused by the schema anyway
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r} (each key may appear once)", key_node.start_mark
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def parse_config(data: Any, *, base_dir: Path, source: str) -> Config:
     """Validate already-parsed YAML; `source` names the file in error messages."""
     if not isinstance(data, dict):
@@ -298,7 +262,7 @@ def load_config(path: str | Path) -> Config:
     try:
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: {len(raw)} bytes; a config is at most {MAX_CONFIG_BYTES}")
-        data = yaml.load(raw, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        data = load_yaml(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from exc
     config = parse_config(data, base_dir=path.parent, source=str(path))

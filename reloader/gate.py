@@ -19,11 +19,12 @@ from .checkpoints import LoadedCheckpoint, load_checkpoint, parse_version
 from .compute import run_forward
 from .config import ModelConfig
 from .errors import CheckpointIncomplete, CheckpointRejected, ConfigError, InvalidImage
+from .evaluation import EvaluationSet
 from .files import shown
 from .hardware import Hardware
 from .images import Preprocessor
 from .precision import Form, Unfaithful, choose, served
-from .report import CheckResult, ValidationReport, VariantResult, ms_since
+from .report import CheckResult, EvaluationResult, ValidationReport, VariantResult, ms_since
 
 Prepare = Callable[[torch.nn.Module, ModelConfig], torch.nn.Module]
 
@@ -99,6 +100,8 @@ class Gate:
         if why is not None:
             raise ConfigError(f"models.{name}.precision: {why}; use fp32, or auto to take it only where it runs")
         self.warmup = self._warmup_images()
+        spec = config.evaluation
+        self.evaluation = None if spec is None else EvaluationSet(name, spec, config.labels, self.preprocessor)
         # img/s of each precision form, measured once per definition (a new pin keeps them: same definition)
         self.speeds: dict[Form, float] = {} if speeds is None else speeds
 
@@ -115,14 +118,16 @@ class Gate:
             images.append(WarmupImage(path.name, tensor, spec.expect[i] if spec.expect else None))
         return images
 
-    def judge(self, path: Path, name: str | None = None) -> Judgement:
-        """Judge the checkpoint file at `path`; `name` is how reports name it (the object it came from)."""
+    def judge(self, path: Path, name: str | None = None, live: EvaluationResult | None = None) -> Judgement:
+        """Judge the checkpoint file at `path`; `name` is how reports name it (the object it came from), and
+        `live` the live version's evaluation score, which a candidate may trail by `max_regression` at most."""
         started, t0 = time.time(), time.perf_counter()
         checks = _Checks()
         loaded: LoadedCheckpoint | None = None
         module: torch.nn.Module | None = None
         precision, form = "fp32", "eager"
         variants: tuple[VariantResult, ...] = ()
+        evaluation: EvaluationResult | None = None
         try:
             with checks.check("load") as detail:
                 loaded = load_checkpoint(path)
@@ -154,6 +159,13 @@ class Gate:
                     module, precision, form, variants = choice.module, choice.precision, choice.form, choice.tried
                     detail.append(choice.summary())
                 del fp32  # a faster form serves alone: the fp32 reference is released here
+            if self.evaluation is not None:
+                with checks.check("evaluation") as detail:
+                    # The form that will serve is what is scored: it is what users will get.
+                    evaluation, failure = self.evaluation.judge(self.score(module), live)
+                    if failure is not None:
+                        raise CheckpointRejected("evaluation", failure)
+                    detail.append(evaluation.summary())
         except _Failed:
             module = None
         report = ValidationReport(
@@ -172,8 +184,14 @@ class Gate:
             form=form,
             device=self.device,
             variants=variants,
+            evaluation=evaluation,
         )
         return Judgement(report, module, self.preprocessor)
+
+    def score(self, module: torch.nn.Module) -> EvaluationResult:
+        """`module`'s accuracy on this definition's evaluation set (the live version's, for the regression bar)."""
+        assert self.evaluation is not None
+        return self.evaluation.score(module, self.config.batch.max_size)
 
     def _warmup(self, module: torch.nn.Module) -> str:
         expected_shape = (1, self.config.num_classes)

@@ -1,12 +1,13 @@
-"""Where checkpoints live besides a folder: a bucket prefix, and the cache its objects are downloaded to."""
+"""Where things named in the config live: paths relative to the config file, a bucket prefix, the download cache."""
 
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo
 
 # S3's bucket naming rules: 3-63 lower-case letters, digits, dots and hyphens, starting and ending alphanumeric.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -40,3 +41,15 @@ def default_cache_dir() -> Path:
     if systemd:
         return Path(systemd.split(":")[0])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reloader"
+
+
+def resolve_path(value: Any, info: ValidationInfo) -> Any:
+    """Relative paths resolve against the config file's folder, not the working directory."""
+    if value is None or not isinstance(value, (str, Path)):
+        return value
+    path = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    # Normalised without following links, so watcher events (reported under this path) compare equal.
+    return Path(os.path.abspath(path))

@@ -6,10 +6,11 @@ A leaf module: the gate writes these, the worker, the registry, the status listi
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-CHECKS = ("load", "structure", "finite", "warmup")  # then "fidelity", for a precision other than fp32
+# Then "fidelity", for a precision other than fp32, and "evaluation", for a model with an evaluation set.
+CHECKS = ("load", "structure", "finite", "warmup")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,24 @@ class VariantResult:
 
 
 @dataclass(frozen=True)
+class EvaluationResult:
+    """Top-1 accuracy and per-class recall on the evaluation set; with the live version's, where compared."""
+
+    images: int
+    accuracy: float
+    recall: dict[str, float]
+    live_accuracy: float | None = None
+    live_recall: dict[str, float] | None = None
+
+    def against(self, live: EvaluationResult) -> EvaluationResult:
+        return replace(self, live_accuracy=live.accuracy, live_recall=live.recall)
+
+    def summary(self) -> str:
+        live = "" if self.live_accuracy is None else f" (live {self.live_accuracy:.3f})"
+        return f"accuracy {self.accuracy:.3f} on {self.images} images{live}"
+
+
+@dataclass(frozen=True)
 class ValidationReport:
     model: str
     path: str
@@ -52,6 +71,7 @@ class ValidationReport:
     form: str = "eager"  # how that precision runs (bf16: "autocast" or "weights")
     device: str = "cpu"
     variants: tuple[VariantResult, ...] = ()
+    evaluation: EvaluationResult | None = None
 
     @property
     def reason(self) -> str | None:

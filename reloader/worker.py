@@ -32,6 +32,7 @@ from .gate import Gate, Judgement, Prepare
 from .memory import release
 from .policy import FileStatus, Hash, Judge, LiveFile, Serving, Settled, plan, same_definition
 from .registry import LiveModel, Registry
+from .report import EvaluationResult
 from .source import CheckpointSource, Clock
 from .threads import LoopThread
 
@@ -94,6 +95,7 @@ class ModelWorker(LoopThread):
         self._gate_config: ModelConfig | None = None  # the last config a gate was built for
         self._cache = CheckpointCache()
         self._source_error: str | None = None
+        self._scores: dict[tuple[str, str], EvaluationResult] = {}  # (live sha256, set digest) -> its score
         self.passes = 0
         source.subscribe(self._changed)
 
@@ -230,7 +232,7 @@ class ModelWorker(LoopThread):
             local = source.fetch(cand)
         except FetchFailed as exc:  # the endpoint failed mid-pass: nothing was judged, the next listing retries
             return (FileStatus.INCOMPLETE, str(exc))
-        judgement = gate.judge(local, source.name(cand.path))
+        judgement = gate.judge(local, source.name(cand.path), self._live_score(gate, config))
         report = judgement.report
         unchanged = source.unchanged(cand)
         if report.sha256 is not None and unchanged:
@@ -259,6 +261,21 @@ class ModelWorker(LoopThread):
             return (FileStatus.REJECTED, reason)
         self._swap(config, source, cand.path, judgement)
         return None
+
+    def _live_score(self, gate: Gate, config: ModelConfig) -> EvaluationResult | None:
+        """The live version's score on this definition's evaluation set, computed once per sha256 and set."""
+        live = self.registry.get(self.name)
+        if gate.evaluation is None or live is None or live.config.labels != config.labels:
+            return None  # nothing to compare with (other labels: other classes, not a regression)
+        key = (live.sha256, gate.evaluation.spec.digest)
+        if key not in self._scores:
+            own = live.report.evaluation
+            if own is not None and same_definition(live.config, config):
+                score = replace(own, live_accuracy=None, live_recall=None)  # from its own gate
+            else:
+                score = gate.score(live.module)
+            self._scores = {key: score}  # only the live version's is ever needed
+        return self._scores[key]
 
     def _swap(self, config: ModelConfig, source: CheckpointSource, path: Path, judgement: Judgement) -> None:
         report = judgement.report
