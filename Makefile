@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 tools:
 	@command -v rsync >/dev/null || { (apt-get update -qq && apt-get install -y -qq rsync >/dev/null) || sudo apt-get install -y -qq rsync; }
 
+# The browser tests drive Debian's chromium through chromedriver; install both where they are missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || sudo apt-get install -y -qq chromium chromium-driver; }
+
 run: setup
 	@ls checkpoints/shapes/*.pt >/dev/null 2>&1 || $(PY) -m examples.shapes.train --epochs 1
 	$(VENV)/bin/reloader serve --config $(CONFIG)
@@ -29,7 +33,7 @@ run: setup
 train-more: setup
 	$(PY) -m examples.shapes.train --epochs 5 --resume
 
-test: setup tools
+test: setup tools browser
 	$(PY) -m pytest
 
 bench: setup

@@ -28,6 +28,7 @@ from .errors import (
     Unhealthy,
 )
 from .registry import LiveModel
+from .statuspage import status_page
 from .supervisor import Supervisor
 
 logger = logging.getLogger("reloader.app")
@@ -211,6 +212,7 @@ def build_app(service: Service, extra_routes: list[Route] | None = None) -> Star
         return JSONResponse({"status": "ready", "models": list(service.supervisor.config.models)})
 
     routes = [
+        Route("/", status_page),
         Route("/predict", predict, methods=["POST"]),
         Route("/models/{name}/predict", predict, methods=["POST"]),
         Route("/models", models),
