@@ -27,6 +27,7 @@ RUN groupadd --system --gid 10001 reloader \
 COPY --from=build /opt/reloader/.venv /opt/reloader/.venv
 # The demo's warm-up images, where deploy/kubernetes/configmap.yaml names them.
 COPY config/golden /opt/reloader/golden
+COPY config/eval /opt/reloader/eval
 # HOME=/tmp: the only writable place by default (an emptyDir in Kubernetes), for anything that wants a home.
 ENV PATH=/opt/reloader/.venv/bin:$PATH \
     HOME=/tmp \

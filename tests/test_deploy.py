@@ -414,6 +414,8 @@ def test_the_configmaps_models_yaml_is_a_valid_reloader_config(variant: Variant)
     # daemon's own parser judge the whole config, as it would at /etc/reloader inside the pod.
     for model in data["models"].values():
         model["warmup"]["images"] = [str(in_repository(image)) for image in model["warmup"]["images"]]
+        if "evaluation" in model:
+            model["evaluation"]["images"] = str(in_repository(model["evaluation"]["images"]))
 
     config = parse_config(data, base_dir=Path(variant.config_path.parent), source=f"{variant.folder.name} models.yaml")
 
@@ -429,11 +431,15 @@ def test_the_configmaps_model_mirrors_the_demo_config(variant: Variant):
     def comparable(model: dict[str, Any]) -> dict[str, Any]:
         rest = {k: v for k, v in model.items() if k != "checkpoints"}
         rest["warmup"] = {k: v for k, v in model["warmup"].items() if k != "images"}
+        rest["evaluation"] = {k: v for k, v in model.get("evaluation", {}).items() if k != "images"}
         return rest
 
     assert comparable(deployed) == comparable(demo)
     demo_images = [(ROOT / "config" / image).resolve() for image in demo["warmup"]["images"]]
     assert [in_repository(image).resolve() for image in deployed["warmup"]["images"]] == demo_images
+    if "evaluation" in demo:
+        demo_set = (ROOT / "config" / demo["evaluation"]["images"]).resolve()
+        assert in_repository(deployed["evaluation"]["images"]).resolve() == demo_set
 
 
 def test_the_warmup_images_are_in_the_image(variant: Variant):
