@@ -19,12 +19,19 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from .compute import run_forward
 from .errors import Overloaded, RequestTimedOut
 from .registry import LiveModel
+
+
+class Shadow(Protocol):
+    """A candidate run on copies of live batches (canary.Canary)."""
+
+    def offer(self, live: LiveModel, batch: torch.Tensor, probs: torch.Tensor) -> None: ...
 
 
 @dataclass(eq=False)
@@ -49,8 +56,11 @@ class Batcher:
         *,
         current: Callable[[str], LiveModel | None] = lambda name: None,
         on_batch: Callable[[str, int, float], None] = lambda name, size, s: None,
+        shadow: Callable[[str], Shadow | None] = lambda name: None,
     ) -> None:
         self._current = current
+        self._shadow = shadow
+        self._forward_seconds: dict[str, float] = {}  # per model, for a canary's share of the forward time
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._queues: dict[str, deque[_Item]] = {}
         self._decoding: dict[str, int] = {}
@@ -60,6 +70,11 @@ class Batcher:
 
     def queue_depth(self, name: str) -> int:
         return len(self._queues.get(name, ()))
+
+    def pressure(self, name: str) -> tuple[int, float]:
+        """Requests waiting for the model's forward pass, and the seconds its passes have taken so far.
+        Read from a canary's thread: each value is read whole (CPython), and a stale one only delays it."""
+        return len(self._queues.get(name, ())), self._forward_seconds.get(name, 0.0)
 
     def admit(self, live: LiveModel, count: int) -> None:
         """Refuse work before it is decoded when the queue would be full by the time it is: decoding
@@ -150,8 +165,13 @@ class Batcher:
 
         def finished(fut: asyncio.Future[torch.Tensor]) -> None:
             self._running = False
-            self._on_batch(live.name, len(batch), time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self._forward_seconds[live.name] = self._forward_seconds.get(live.name, 0.0) + seconds
+            self._on_batch(live.name, len(batch), seconds)
             exc = None if fut.cancelled() else fut.exception()
+            shadow = self._shadow(live.name)
+            if shadow is not None and exc is None and not fut.cancelled():
+                shadow.offer(live, stacked, fut.result())  # a copy to compare on; it never delays these answers
             for i, item in enumerate(batch):
                 if item.future.done():
                     continue

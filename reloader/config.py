@@ -109,6 +109,16 @@ class Fidelity(_Frozen):
     max_prob_delta: float = Field(default=0.02, ge=0, le=1)  # largest change of any class probability
 
 
+class CanaryConfig(_Frozen):
+    """A candidate that passed the gate shadows live traffic before it serves (see canary.py)."""
+
+    requests: int = Field(default=200, ge=1, le=1_000_000)  # comparisons (images) before deciding
+    min_agreement: float = Field(default=0.97, ge=0, le=1)  # top-1 agreement with the live version
+    max_wait_s: float = Field(default=900.0, gt=0, le=604_800)
+    on_timeout: Literal["reject", "promote"] = "reject"
+    max_overhead: float = Field(default=0.1, gt=0, le=1)  # share of serving forward time under saturation
+
+
 class ModelConfig(_Frozen):
     arch: str
     num_classes: PositiveInt
@@ -126,6 +136,7 @@ class ModelConfig(_Frozen):
     device: str = Field(default="cpu", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     fidelity: Fidelity = Fidelity()
     evaluation: Evaluation | None = None  # scored after warm-up; see README "Evaluation and regression"
+    canary: CanaryConfig | None = None  # none: a candidate that passes the gate goes live at once
 
     @field_validator("arch")
     @classmethod

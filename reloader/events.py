@@ -30,6 +30,7 @@ class Outcome(str, Enum):
     SWAPPED = "swapped"  # it passed and serves now
     REJECTED = "rejected"  # it failed a check; it never serves (until its content changes)
     INCOMPLETE = "incomplete"  # it was still being written; it is looked at again once settled
+    CANARY = "canary"  # it passed the gate and shadows live traffic; its canary decides (SWAPPED or REJECTED)
     ERROR = "error"  # the pass itself failed (a bug or the machine); the next pass tries again
 
 

@@ -114,19 +114,30 @@ def _log_judged(event: CheckpointJudged) -> None:
     if event.outcome is Outcome.REJECTED:
         fields |= {"event": "checkpoint_rejected", "reason": event.reason}
         _checkpoint_log.warning("model %s: rejected %s: %s", event.model, file, event.reason, extra=fields)
-    if event.outcome is not Outcome.SWAPPED:
+    if event.outcome not in (Outcome.SWAPPED, Outcome.CANARY):
         return
     checks = {c.name: c.ms for c in event.report.checks}
-    _checkpoint_log.info(
-        "model %s: %s passed validation (%s)",
-        event.model,
-        file,
-        ", ".join(f"{name} {ms:.0f} ms" for name, ms in checks.items()),
-        extra={**fields, "event": "checkpoint_validated", "timings_ms": checks},
-    )
+    if event.reason is None:  # not a canary's promotion: its validation was logged when its canary started
+        _checkpoint_log.info(
+            "model %s: %s passed validation (%s)",
+            event.model,
+            file,
+            ", ".join(f"{name} {ms:.0f} ms" for name, ms in checks.items()),
+            extra={**fields, "event": "checkpoint_validated", "timings_ms": checks},
+        )
+    if event.outcome is Outcome.CANARY:
+        _checkpoint_log.info(
+            "model %s: version %s is the canary (%s): it shadows live traffic until its canary decides",
+            event.model,
+            event.version,
+            file,
+            extra={**fields, "event": "canary_started", "version": event.version},
+        )
+        return
     since = event.since_detected_ms
+    promoted = "" if event.reason is None else f", promoted by its {event.reason}"
     _checkpoint_log.info(
-        "model %s: version %s live (%s, sha256 %s) in %.0f ms%s, replacing %s",
+        "model %s: version %s live (%s, sha256 %s) in %.0f ms%s, replacing %s%s",
         event.model,
         event.version,
         file,
@@ -134,11 +145,13 @@ def _log_judged(event: CheckpointJudged) -> None:
         event.report.total_ms,
         "" if since is None else f", {since:.0f} ms after it was seen",
         "nothing" if event.previous_version is None else f"version {event.previous_version}",
+        promoted,
         extra={
             **fields,
             "event": "checkpoint_swapped",
             "version": event.version,
             "previous_version": event.previous_version,
             "timings_ms": event.timings_ms(),
+            "canary": event.reason,
         },
     )

@@ -110,6 +110,8 @@ class Metrics:
 def failed_check(event: CheckpointJudged) -> str:
     """The rejection's category: the gate check that failed (load/structure/finite/warmup)."""
     failed = event.report.failed_check
+    if failed is None and (event.reason or "").startswith("canary:"):
+        return "canary"  # it passed the gate, and disagreed with the live version on live traffic
     # Every check passed but the file's digest moved while it was read: it was replaced mid-validation.
     return "changed" if failed is None else failed.name
 
@@ -135,7 +137,21 @@ class _State(Collector):
         for name in names:
             ready.add_metric([name], float(name in live))
             depth.add_metric([name], self.batcher.queue_depth(name))
-        yield from (info, version, ready, depth)
+        compared = GaugeMetricFamily(
+            "reloader_canary_compared", "Live requests the canary has been compared on", labels=["model", "version"]
+        )
+        agreement = GaugeMetricFamily(
+            "reloader_canary_agreement",
+            "The canary's top-1 agreement with the live version so far",
+            labels=["model", "version"],
+        )
+        for worker in supervisor.workers():
+            canary = worker.canary
+            if canary is not None:
+                series = [worker.name, str(canary.candidate.version)]
+                compared.add_metric(series, canary.compared)
+                agreement.add_metric(series, canary.agreement or 0.0)
+        yield from (info, version, ready, depth, compared, agreement)
         dead = self.parts.dead()
         yield GaugeMetricFamily(
             "reloader_up", "1 while the file watcher and reload workers run (as /healthz)", value=0 if dead else 1

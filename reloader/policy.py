@@ -12,6 +12,8 @@ The rules:
 - `version: N` pins: only files of version N may serve; `latest` follows the newest valid file.
 - A file still arriving is incomplete, never judged. A file whose content was rejected stays rejected,
   without being judged again, until its content changes.
+- A canary (a candidate shadowing live traffic) bounds the search like the live version: older files
+  stay standby, a newer one is judged and replaces it.
 - Deleting the live file falls back to the newest valid remaining file; with none, the version in memory
   keeps serving and the listing says its file was deleted.
 """
@@ -37,6 +39,7 @@ class FileStatus(str, Enum):
     STANDBY = "standby"  # not looked at: older than the live version, or off the pin
     INCOMPLETE = "incomplete"  # still being written; looked at again once settled
     REJECTED = "rejected"  # failed a check; not judged again until its content changes
+    CANARY = "canary"  # passed the gate; shadows live traffic until its canary decides
 
 
 class LiveFile(str, Enum):
@@ -96,12 +99,14 @@ Decision = Hash | Judge | Settled
 
 
 def same_definition(a: ModelConfig, b: ModelConfig) -> bool:
-    """Equal but for `version`: a pin moves between files of one definition, it does not change it."""
-    return a.model_copy(update={"version": b.version}) == b
+    """Equal but for `version` and `canary`: a pin moves between files of one definition, and how a candidate
+    is tried on live traffic does not change what the model is."""
+    return a.model_copy(update={"version": b.version, "canary": b.canary}) == b
 
 
-def plan(listing: Listing, live: Serving | None, pin: Pin, known: Known) -> Decision:
-    """The next thing to do, or Settled when there is none."""
+def plan(listing: Listing, live: Serving | None, pin: Pin, known: Known, canary: Serving | None = None) -> Decision:
+    """The next thing to do, or Settled when there is none. A `canary` bounds the search as the live version
+    does: older files wait for its decision (a newer file replaces it)."""
     by_path = {c.path: c for c in listing.candidates}
     live_file = LiveFile.NONE
     if live is not None:
@@ -136,6 +141,9 @@ def plan(listing: Listing, live: Serving | None, pin: Pin, known: Known) -> Deci
             return Hash(cand)
         digest = None if entry is None else entry[1]
         if live is not None and current and digest == live.sha256 and cand.path == live.path:
+            break
+        if canary is not None and digest == canary.sha256 and cand.path == canary.path:
+            statuses[cand.path] = (FileStatus.CANARY, None)
             break
         if digest is not None and digest in known.rejected:
             statuses[cand.path] = (FileStatus.REJECTED, known.rejected[digest])

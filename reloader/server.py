@@ -16,6 +16,7 @@ import uvicorn
 
 from .app import Service, build_app
 from .batching import Batcher
+from .canary import Canaries
 from .checkpoints import check_environment
 from .config import Config
 from .events import CheckpointJudged, ConfigRejected, Event, EventBus, Outcome
@@ -105,15 +106,17 @@ class Daemon:
         self.registry = Registry()
         # Subscribed in this order: the status listing (the supervisor's), metrics and systemd's status
         # line are up to date by the time a log line tells a reader to look.
-        self.supervisor = Supervisor(config, Shared(self.registry, self.bus, prepare_module))
         self.metrics = Metrics()
+        canaries = Canaries()
+        self.batcher = Batcher(current=self.registry.get, on_batch=self.metrics.batch_done, shadow=canaries.get)
+        shared = Shared(self.registry, self.bus, prepare_module, canaries=canaries, pressure=self.batcher.pressure)
+        self.supervisor = Supervisor(config, shared)
         self.bus.subscribe(self.metrics.on_event)
         self.bus.subscribe(self._on_event)
         self.bus.subscribe(log_event)
         self.watcher = Watcher(self.supervisor, self.bus)
         # In start order; stopped in reverse, and /healthz names the ones whose threads ended.
         self.parts = Parts([(Supervisor.PART, self.supervisor), (Watcher.PART, self.watcher)])
-        self.batcher = Batcher(current=self.registry.get, on_batch=self.metrics.batch_done)
         self.metrics.observe(self.supervisor, self.batcher, self.parts)
         self.service = Service(self.supervisor, self.batcher, self.parts.dead)
         self.app = build_app(self.service, [*v2_routes(self.service), self.metrics.route()])

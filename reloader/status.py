@@ -16,7 +16,12 @@ from .registry import LiveModel
 from .worker import ModelWorker
 
 MAX_EVENTS = 50
-RESULT = {Outcome.SWAPPED: "live", Outcome.REJECTED: "rejected", Outcome.INCOMPLETE: "incomplete"}
+RESULT = {
+    Outcome.SWAPPED: "live",
+    Outcome.REJECTED: "rejected",
+    Outcome.INCOMPLETE: "incomplete",
+    Outcome.CANARY: "canary",
+}
 
 
 class EventLog:
@@ -72,6 +77,7 @@ def describe_model(worker: ModelWorker, live: LiveModel | None, events: list[dic
             }
             for f in found.files
         ],
+        "canary": None if worker.canary is None else worker.canary.describe(),
         "passes": worker.passes,
         "reloading": worker.reloading,
         "events": events,

@@ -11,26 +11,31 @@ version out of service (a model leaves only when the config drops it):
                                    |                          +-------- it passes ------------+
                                    +-- it fails a check: REJECTED, cached by content; the state before stands
                                    +-- it is still being written: INCOMPLETE, looked at again once settled
+
+With a `canary` and a version live, "it passes" leads to CANARY (promotion.py): LIVE if it agrees on live traffic.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
 
 from .caches import CheckpointCache
+from .canary import Canaries, Canary
 from .compute import lower_thread_priority
 from .config import ModelConfig
 from .errors import ConfigError, FetchFailed
 from .events import CheckpointJudged, EventBus, Outcome, ReloadFailed, SourceStatus
 from .gate import Gate, Judgement, Prepare
-from .memory import release
 from .policy import FileStatus, Hash, Judge, LiveFile, Serving, Settled, plan, same_definition
+from .promotion import Promotion
 from .registry import LiveModel, Registry
 from .report import EvaluationResult
 from .source import CheckpointSource, Clock
@@ -67,12 +72,14 @@ def _as_is(module: nn.Module, config: ModelConfig) -> nn.Module:
 @dataclass(frozen=True)
 class Shared:
     """What every model's worker shares: the registry it swaps into, the bus it reports on, how a judged
-    module is prepared to serve, and the clock (a fake one in tests)."""
+    module is prepared to serve, the clock (a fake one in tests), and where canaries meet live batches."""
 
     registry: Registry
     bus: EventBus
     prepare: Prepare = _as_is
     clock: Clock = time.monotonic
+    canaries: Canaries = field(default_factory=Canaries)  # read by the batcher after each live batch
+    pressure: Callable[[str], tuple[int, float]] = lambda name: (0, 0.0)  # Batcher.pressure
 
 
 class ModelWorker(LoopThread):
@@ -85,6 +92,9 @@ class ModelWorker(LoopThread):
         self._bus = shared.bus
         self._prepare = shared.prepare
         self._clock = shared.clock
+        self._promotion = Promotion(
+            name, shared.registry, shared.bus, shared.canaries, shared.pressure, shared.clock, self.rescan
+        )
         self._idle = threading.Event()
         self._lock = threading.Lock()
         self._config = config  # guarded by _lock
@@ -122,6 +132,14 @@ class ModelWorker(LoopThread):
         with self._lock:
             return self._source
 
+    def stop(self) -> None:
+        super().stop()
+        self._promotion.end_canary()
+
+    @property
+    def canary(self) -> Canary | None:
+        return self._promotion.canary
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
 
@@ -145,6 +163,8 @@ class ModelWorker(LoopThread):
         lower_thread_priority()
 
     def tick(self) -> float | None:
+        if self._promotion.settle(self._cache, lambda path: self.source.take_arrival(path)):
+            self.rescan()  # its file is live or rejected now: plan again
         with self._lock:
             source, dirty, self._dirty = self._source, self._dirty, False
         due, poll = source.next_due(), source.next_poll()
@@ -160,7 +180,9 @@ class ModelWorker(LoopThread):
             if not self._dirty and due is None:
                 self._idle.set()  # a scheduled listing (`poll`) is not pending work
         wake_at = min((t for t in (due, poll) if t is not None), default=None)
-        return None if wake_at is None else max(0.0, wake_at - self._clock())
+        wait = None if wake_at is None else max(0.0, wake_at - self._clock())
+        canary_wait = self._promotion.wait()
+        return wait if canary_wait is None else min(canary_wait, math.inf if wait is None else wait)
 
     def _failed(self, exc: Exception) -> None:
         logger.exception("model %s: reload pass failed: %s: %s", self.name, type(exc).__name__, exc)
@@ -183,7 +205,8 @@ class ModelWorker(LoopThread):
             self._bus.publish(SourceStatus(self.name, source.location, listing.error))
         judged: dict[Path, tuple[FileStatus, str | None]] = {}
         while True:
-            decision = plan(listing, self._serving(config), config.version, self._cache.known(judged))
+            known = self._cache.known(judged)
+            decision = plan(listing, self._serving(config), config.version, known, self._promotion.shadowing(config))
             if isinstance(decision, Settled):
                 break
             path = decision.candidate.path
@@ -200,6 +223,8 @@ class ModelWorker(LoopThread):
             verdict = self._judge(gate, config, source, decision)
             if verdict is not None:
                 judged[path] = verdict
+        if not any(s is FileStatus.CANARY for _, s, _ in decision.files):
+            self._promotion.end_canary()  # its file was deleted or changed, or a pin or a config moved on
         self._cache.keep_only(c.path for c in listing.candidates)
         self._publish(source, decision)
         live = self.registry.get(self.name)
@@ -283,24 +308,7 @@ class ModelWorker(LoopThread):
         new = LiveModel(
             self.name, config, report.version, report.sha256, path, judgement.module, judgement.preprocessor, report
         )
-        previous = self.registry.swap(new)
-        seen = source.take_arrival(path)
-        since = None if seen is None else round((self._clock() - seen) * 1000.0, 3)
-        self._bus.publish(
-            CheckpointJudged(
-                self.name,
-                Outcome.SWAPPED,
-                path,
-                None,
-                report,
-                sha256=new.sha256,
-                version=new.version,
-                previous_version=None if previous is None else previous.version,
-                since_detected_ms=since,
-            )
-        )
-        del previous  # requests still holding the old record finish on it, then it is freed
-        release()
+        self._promotion.passed(config, new, lambda: source.take_arrival(path))
 
     def _publish(self, source: CheckpointSource, settled: Settled) -> None:
         digest = self._cache.digest
