@@ -144,6 +144,8 @@ class Canary:
                 batch, live_top1 = self._pending.popleft()
             if not self._wait_for_budget():
                 return
+            need = max(1, self.spec.requests - self.compared)  # no more than the decision needs
+            batch, live_top1 = batch[:need], live_top1[:need]
             started = time.perf_counter()
             try:
                 top1 = run_forward(self.candidate.module, batch).argmax(dim=1).tolist()
