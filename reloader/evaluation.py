@@ -48,6 +48,13 @@ class EvaluationSet:
         recall = {label: round(h / t, 4) for label, h, t in zip(self.labels, hits, totals, strict=True) if t}
         return EvaluationResult(len(self.images), round(sum(hits) / len(self.images), 4), recall)
 
+    def tensors(self, limit: int) -> tuple[torch.Tensor, list[str]]:
+        """Up to `limit` images spread evenly over the set (every label), preprocessed, with their names."""
+        count = min(limit, len(self.images))
+        chosen = [self.images[i * len(self.images) // count] for i in range(count)]
+        tensors = torch.stack([self.preprocessor.load(data) for _, data, _ in chosen])
+        return tensors, [f"{self.labels[label]}/{name}" for name, _, label in chosen]
+
     def judge(self, result: EvaluationResult, live: EvaluationResult | None) -> tuple[EvaluationResult, str | None]:
         """The result with the live score beside it, and why it fails the bars (None when it passes)."""
         if live is not None:

@@ -23,10 +23,12 @@ from .evaluation import EvaluationSet
 from .files import shown
 from .hardware import Hardware
 from .images import Preprocessor
-from .precision import Form, Unfaithful, choose, served
+from .precision import Evidence, Form, Unfaithful, choose, served
 from .report import CheckResult, EvaluationResult, ValidationReport, VariantResult, ms_since
 
 Prepare = Callable[[torch.nn.Module, ModelConfig], torch.nn.Module]
+# Evaluation images the fidelity check uses (half calibrate int8, half prove every form), spread over the set.
+FIDELITY_EVAL_IMAGES = 128
 
 
 @dataclass(frozen=True)
@@ -149,10 +151,8 @@ class Gate:
                 detail.append(self._warmup(module))
             if self.config.precision != "fp32":
                 with checks.check("fidelity") as detail:
-                    images = torch.stack([image.tensor for image in self.warmup])
-                    sources = [image.source for image in self.warmup]
                     try:
-                        choice = choose(fp32, self.device, images, sources, self.config, self.hardware, self.speeds)
+                        choice = choose(fp32, self.device, self._evidence(), self.config, self.hardware, self.speeds)
                     except Unfaithful as exc:
                         variants = exc.tried  # the report keeps every form's numbers, rejected too
                         raise
@@ -187,6 +187,17 @@ class Gate:
             evaluation=evaluation,
         )
         return Judgement(report, module, self.preprocessor)
+
+    def _evidence(self) -> Evidence:
+        """The golden images, then every other evaluation image (held out); int8 calibrates on the golden
+        images and the rest of the evaluation images, never on what proves it."""
+        golden = torch.stack([image.tensor for image in self.warmup])
+        sources = [image.source for image in self.warmup]
+        if self.evaluation is None:
+            return Evidence(golden, sources, len(golden), golden)
+        images, names = self.evaluation.tensors(FIDELITY_EVAL_IMAGES)
+        held_out = torch.cat([golden, images[1::2]])
+        return Evidence(held_out, sources + names[1::2], len(golden), torch.cat([golden, images[0::2]]))
 
     def score(self, module: torch.nn.Module) -> EvaluationResult:
         """`module`'s accuracy on this definition's evaluation set (the live version's, for the regression bar)."""

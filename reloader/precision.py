@@ -1,11 +1,12 @@
 """Faster forms of a validated fp32 module, each proven against it before one of them may serve.
 
 The gate calls `choose` after the warm-up. Each form the config allows and this machine runs natively
-is built from the fp32 module, answers the golden images, and is kept only if every golden image keeps
-its top-1, the top-1 agreement is at least `fidelity.min_agreement` and no class probability moves by
-more than `fidelity.max_prob_delta`. Kept forms are timed at the model's batch size, in turns with
-serving. An explicit precision serves its fastest kept form, or the file is rejected with the numbers;
-`auto` serves the fastest kept form when it is at least AUTO_MIN_SPEEDUP times fp32, and fp32 otherwise.
+is built from the fp32 module, answers the golden images and the held-out half of the evaluation set
+(`Evidence`), and is kept only if every golden image keeps its top-1, the top-1 agreement is at least
+`fidelity.min_agreement` and no class probability moves by more than `fidelity.max_prob_delta`. Kept
+forms are timed at the model's batch size, in turns with serving. An explicit precision serves its
+fastest kept form, or the file is rejected with the numbers; `auto` serves the fastest kept form when
+it is at least AUTO_MIN_SPEEDUP times fp32, and fp32 otherwise.
 
 Every form is an nn.Module that takes the fp32 batch and answers fp32 scores, so serving runs them all
 alike (`compute.run_forward`).
@@ -29,11 +30,13 @@ from .hardware import Hardware
 from .report import VariantResult, ms_since
 
 AUTO_MIN_SPEEDUP = 1.1
-# int8 is calibrated on the golden images, so they cannot also prove it: on the demo, calibrated on its 4
-# golden images, it kept all 4 and moved the top-1 of 5 of 400 held-out images (bench/RESULTS.md).
+# int8 is calibrated on the golden images (and half the evaluation set), so those cannot also prove it: on
+# the demo, calibrated on its 4 golden images, it kept all 4 and moved the top-1 of 5 of 400 held-out images
+# (bench/RESULTS.md). `auto` takes int8 only when this many held-out evaluation images prove it.
+MIN_HELD_OUT = 32
 AUTO_NO_INT8 = (
-    "auto does not take int8: it is calibrated on the golden images, which therefore cannot also prove it; "
-    "precision: int8 asks for it"
+    f"auto does not take int8 without at least {MIN_HELD_OUT} held-out evaluation images to prove it (it is "
+    "calibrated on the golden images, which therefore cannot); precision: int8 asks for it"
 )
 TIMED_ROUNDS = 5
 Form = tuple[str, str]  # (precision, form): ("bf16", "autocast")
@@ -41,6 +44,21 @@ FP32: Form = ("fp32", "eager")
 # bf16 has two forms; which one is faster depends on the model and the machine, so both are measured.
 # int8 is static quantization, calibrated on the golden images.
 FORMS: dict[str, tuple[str, ...]] = {"bf16": ("autocast", "weights"), "int8": ("static",)}
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What faster forms are proven on: the golden images first (each must keep its top-1), then held-out
+    evaluation images (counted in the agreement); and what int8 is calibrated on (never the held-out ones)."""
+
+    images: torch.Tensor
+    sources: Sequence[str]  # a name per image, for the reasons
+    golden: int  # the first `golden` images are the golden ones
+    calibration: torch.Tensor
+
+    @property
+    def held_out(self) -> int:
+        return len(self.images) - self.golden
 
 
 class _Around(nn.Module):
@@ -191,19 +209,14 @@ class Unfaithful(CheckpointRejected):
 
 
 def choose(
-    fp32: nn.Module,
-    device: str,
-    images: torch.Tensor,
-    sources: Sequence[str],
-    config: ModelConfig,
-    hw: Hardware,
-    speeds: dict[Form, float],
+    fp32: nn.Module, device: str, evidence: Evidence, config: ModelConfig, hw: Hardware, speeds: dict[Form, float]
 ) -> Choice:
-    """Prove each allowed form against fp32 on `images` (the golden images, named by `sources`); pick one.
+    """Prove each allowed form against fp32 on the evidence; pick one.
 
     `speeds` holds what earlier files of this model definition measured, and gets what this one measures."""
     auto = config.precision == "auto"
     chunk = config.batch.max_size
+    images = evidence.images
     reference_module = served(fp32, device)
     reference = answers(reference_module, images, chunk)
     if not bool(torch.isfinite(reference).all()):
@@ -211,12 +224,13 @@ def choose(
     proven: list[VariantResult] = []
     modules: dict[Form, nn.Module] = {}
     for precision in ("bf16", "int8") if auto else (config.precision,):
-        why = hw.why_not(precision, device) or (AUTO_NO_INT8 if auto and precision == "int8" else None)
+        unproven = auto and precision == "int8" and evidence.held_out < MIN_HELD_OUT
+        why = hw.why_not(precision, device) or (AUTO_NO_INT8 if unproven else None)
         if why is not None:
             proven.append(VariantResult(precision, "-", device, False, f"skipped: {why}"))
             continue
         for form in FORMS[precision]:
-            result, module = _prove(fp32, precision, form, device, images, reference, sources, config)
+            result, module = _prove(fp32, precision, form, device, evidence, reference, config)
             proven.append(result)
             if module is not None:
                 modules[(precision, form)] = module
@@ -259,15 +273,14 @@ def _prove(
     precision: str,
     form: str,
     device: str,
-    images: torch.Tensor,
+    evidence: Evidence,
     reference: torch.Tensor,
-    sources: Sequence[str],
     config: ModelConfig,
 ) -> tuple[VariantResult, nn.Module | None]:
     started = time.perf_counter()
     try:
-        module = build(fp32, precision, form, device, images)
-        probs = answers(module, images, config.batch.max_size)
+        module = build(fp32, precision, form, device, evidence.calibration)
+        probs = answers(module, evidence.images, config.batch.max_size)
     except Exception as exc:  # a form torch cannot build or run for this model is not offered
         detail = f"failed: {type(exc).__name__}: {exc}"
         return VariantResult(precision, form, device, False, detail, ms=ms_since(started)), None
@@ -275,7 +288,7 @@ def _prove(
         return VariantResult(precision, form, device, False, "output has NaN or inf", ms=ms_since(started)), None
     agreement, delta, moved = compare(probs, reference)
     limits = config.fidelity
-    problems = [f"{sources[i]} changed its top-1" for i in moved[:3]]
+    problems = [f"{evidence.sources[i]} changed its top-1" for i in moved if i < evidence.golden][:3]
     if agreement < limits.min_agreement:
         problems.append(f"agreement {agreement:.3f} < {limits.min_agreement}")
     if delta > limits.max_prob_delta:

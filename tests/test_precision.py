@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 from conftest import Project, colours_yaml, png_bytes
+from PIL import Image
 from tinynet import COLOURS, colour_state_dict
 
 from reloader.config import ModelConfig, load_config
@@ -147,7 +148,31 @@ def test_auto_does_not_take_int8_which_the_golden_images_calibrate_and_so_cannot
 
     assert report.passed and report.precision != "int8"
     (int8,) = [v for v in report.variants if v.precision == "int8"]
-    assert not int8.passed and int8.detail.startswith("skipped: auto does not take int8: it is calibrated on the")
+    assert not int8.passed and int8.detail.startswith("skipped: auto does not take int8 without at least 32 held-out")
+
+
+def test_with_an_evaluation_set_int8_is_calibrated_on_one_half_and_proven_on_the_other(project: Project):
+    """Then auto may take int8: what proves it was never seen by its calibration."""
+    for channel, colour in enumerate(COLOURS):
+        (project.root / "eval" / colour).mkdir(parents=True)
+        for i in range(22):  # 66 images: every other one of them held out, 33 of them
+            rgb = [100 + i, 110 + 2 * i, 105]
+            rgb[channel] = 170 + 3 * i
+            Image.new("RGB", (40, 40), tuple(rgb)).save(project.root / "eval" / colour / f"{i:02}.png")
+    config = configure(project, "auto", extra="    evaluation: {images: eval}\n")
+    gate = Gate("colours", config, prepare_module, XEON)
+
+    evidence = gate._evidence()
+    assert (evidence.golden, evidence.held_out, len(evidence.calibration)) == (3, 33, 36)
+    proving = {tuple(t.flatten()[:3].tolist()) for t in evidence.images[evidence.golden :]}
+    calibrating = {tuple(t.flatten()[:3].tolist()) for t in evidence.calibration[evidence.golden :]}
+    assert not proving & calibrating
+    assert {source.split("/")[0] for source in evidence.sources[evidence.golden :]} == set(COLOURS)
+
+    report = gate.judge(project.save("colours-v1.pt")).report
+    (int8,) = [v for v in report.variants if v.precision == "int8"]
+    assert not int8.detail.startswith("skipped"), int8.detail
+    assert int8.agreement is not None and int8.max_prob_delta is not None
 
 
 def test_auto_on_a_cpu_without_bf16_skips_it_and_says_why(project: Project):
