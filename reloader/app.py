@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -32,6 +32,19 @@ from .statuspage import status_page
 from .supervisor import Supervisor
 
 logger = logging.getLogger("reloader.app")
+# A body over max_body_bytes is read and dropped up to this much more, for this long, before the 413 goes
+# out: urllib and requests send the whole body before they read, and a server that stops reading resets
+# the connection under them, so they never see the 413 (nginx lingers on close for the same reason).
+DRAIN_BYTES = 64 << 20
+DRAIN_S = 5.0
+
+
+async def _drain(stream: AsyncIterator[bytes], budget: int) -> None:
+    with anyio.move_on_after(DRAIN_S):
+        async for chunk in stream:
+            budget -= len(chunk)
+            if budget < 0:
+                return
 
 
 class Service:
@@ -73,11 +86,15 @@ class Service:
         declared = request.headers.get("content-length", "")
         # Compared by length first: int() of thousands of digits raises (and costs) before any comparison.
         if declared.isascii() and declared.isdigit() and (len(declared) > len(str(limit)) or int(declared) > limit):
+            if len(declared) <= len(str(limit + DRAIN_BYTES)) and int(declared) <= limit + DRAIN_BYTES:
+                await _drain(request.stream(), DRAIN_BYTES)
             raise PayloadTooLarge(f"body of {declared[:20]} bytes exceeds max_body_bytes ({limit})")
         chunks, size = [], 0
-        async for chunk in request.stream():
+        stream = request.stream()
+        async for chunk in stream:
             size += len(chunk)
             if size > limit:
+                await _drain(stream, DRAIN_BYTES)
                 raise PayloadTooLarge(f"body exceeds max_body_bytes ({limit})")
             chunks.append(chunk)
         return b"".join(chunks)

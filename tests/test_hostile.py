@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -9,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from conftest import Project, colours_yaml, png_bytes, wait_until
+from conftest import DEADLINE, Project, colours_yaml, png_bytes, wait_until
 from PIL import Image
 
 from reloader.checkpoints import load_checkpoint, sha256_file
@@ -189,3 +190,22 @@ def test_file_names_that_are_not_utf8_or_hold_a_newline_are_shown_escaped(projec
     wait_until(lambda: len(daemon.status()["files"]) == 1, what="the odd names to leave the listing")
     assert {e["file"] for e in daemon.status()["events"] if e["event"] == "rejected"} >= set(shown)
     assert not [line for line in daemon.log().splitlines() if line.startswith("INFO forged")]
+
+
+@pytest.mark.parametrize("size", [300_000, 8_000_000])
+def test_a_plain_client_sending_a_body_over_the_limit_reads_the_413(project: Project, start_daemon, size: int):
+    """urllib (like requests) sends the whole body before it reads: the server must take it in to answer."""
+    import urllib.error
+    import urllib.request
+
+    project.save("colours-v1.pt")
+    project.write_config(colours_yaml(server="  max_body_bytes: 5000\n"))
+    daemon = start_daemon(project.config)
+    request = urllib.request.Request(
+        f"{daemon.url}/models/colours/predict", data=b"\0" * size, headers={"Content-Type": "image/png"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=DEADLINE)
+    assert raised.value.code == 413
+    assert "exceeds max_body_bytes (5000)" in json.loads(raised.value.read())["error"]
+    assert daemon.get("/healthz").status_code == 200
