@@ -169,7 +169,11 @@ def _unpickling_detail(exc: Exception) -> str:
     return " ".join(kept).strip() or type(exc).__name__
 
 
-def load_checkpoint(path: Path) -> LoadedCheckpoint:
+def too_large(size: int, limit: int) -> str:
+    return f"{size} bytes, over max_checkpoint_bytes ({limit})"
+
+
+def load_checkpoint(path: Path, max_bytes: int | None = None) -> LoadedCheckpoint:
     """Hash and deserialize one open file; if it did not change meanwhile, the hash is of what loaded.
 
     Streaming through one file descriptor, rather than reading the file into memory first, keeps the
@@ -183,6 +187,8 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     with fh:
         try:
             before = os.fstat(fh.fileno())
+            if max_bytes is not None and before.st_size > max_bytes:
+                raise CheckpointRejected("load", too_large(before.st_size, max_bytes))
             sha256 = hash_open_file(fh)
             fh.seek(0)
             try:

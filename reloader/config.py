@@ -137,6 +137,9 @@ class ModelConfig(_Frozen):
     fidelity: Fidelity = Fidelity()
     evaluation: Evaluation | None = None  # scored after warm-up; see README "Evaluation and regression"
     canary: CanaryConfig | None = None  # none: a candidate that passes the gate goes live at once
+    # A bigger file is rejected unread (and an object is never downloaded): a dropped 50 GB file must not
+    # fill memory. 10 GiB is far above any image classifier's weights.
+    max_checkpoint_bytes: int = Field(default=10 << 30, gt=0, le=1 << 40)
 
     @field_validator("arch")
     @classmethod

@@ -132,7 +132,7 @@ class Gate:
         evaluation: EvaluationResult | None = None
         try:
             with checks.check("load") as detail:
-                loaded = load_checkpoint(path)
+                loaded = load_checkpoint(path, self.config.max_checkpoint_bytes)
                 detail.append(f"{len(loaded.state_dict)} tensors, {loaded.size} bytes, sha256 {loaded.sha256[:12]}")
             with checks.check("structure") as detail:
                 module = build_model(self.config.arch, self.config.num_classes, loaded.state_dict)

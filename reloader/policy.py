@@ -26,7 +26,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from .checkpoints import Candidate
+from .checkpoints import Candidate, too_large
 from .config import ModelConfig
 from .source import Listing
 
@@ -104,9 +104,12 @@ def same_definition(a: ModelConfig, b: ModelConfig) -> bool:
     return a.model_copy(update={"version": b.version, "canary": b.canary}) == b
 
 
-def plan(listing: Listing, live: Serving | None, pin: Pin, known: Known, canary: Serving | None = None) -> Decision:
+def plan(
+    listing: Listing, live: Serving | None, pin: Pin, known: Known, canary: Serving | None = None, max_bytes: int = 0
+) -> Decision:
     """The next thing to do, or Settled when there is none. A `canary` bounds the search as the live version
-    does: older files wait for its decision (a newer file replaces it)."""
+    does: older files wait for its decision (a newer file replaces it). A file over `max_bytes` (when set)
+    is rejected without being read."""
     by_path = {c.path: c for c in listing.candidates}
     live_file = LiveFile.NONE
     if live is not None:
@@ -132,6 +135,9 @@ def plan(listing: Listing, live: Serving | None, pin: Pin, known: Known, canary:
             continue
         if cand.path in listing.arriving:
             statuses[cand.path] = (FileStatus.INCOMPLETE, "still being written")
+            continue
+        if max_bytes and cand.size > max_bytes:
+            statuses[cand.path] = (FileStatus.REJECTED, f"load: {too_large(cand.size, max_bytes)}")
             continue
         # A path never hashed goes straight to the gate, which hashes it as it loads: hashing it here too
         # would read the file twice on the way to going live. One hashed before is hashed again when its

@@ -205,8 +205,8 @@ class ModelWorker(LoopThread):
             self._bus.publish(SourceStatus(self.name, source.location, listing.error))
         judged: dict[Path, tuple[FileStatus, str | None]] = {}
         while True:
-            known = self._cache.known(judged)
-            decision = plan(listing, self._serving(config), config.version, known, self._promotion.shadowing(config))
+            known, canary = self._cache.known(judged), self._promotion.shadowing(config)
+            decision = plan(listing, self._serving(config), config.version, known, canary, config.max_checkpoint_bytes)
             if isinstance(decision, Settled):
                 break
             path = decision.candidate.path

@@ -265,3 +265,31 @@ def test_an_s3_location_names_its_objects():
     assert where.uri("v1.pt") == "s3://models/shapes/v1.pt"
     assert S3Location.parse("s3://models").prefix == ""
     assert str(where) == "s3://models/shapes/"
+
+
+def test_an_object_over_max_checkpoint_bytes_is_rejected_without_being_downloaded(project, moto, start_daemon):
+    moto.start()
+    v1 = project.stage("colours-v1.pt")
+    moto.upload(v1)
+    huge = project.stage("colours-v2.pt", {"state_dict": colour_state_dict(), "padding": torch.zeros(500_000)})
+    moto.upload(huge)
+    limit = v1.stat().st_size * 2
+    config = bucket_yaml(project).replace("    preprocess:", f"    max_checkpoint_bytes: {limit}\n    preprocess:")
+    project.write_config(config)
+    daemon = start_daemon(project.config, env=moto.env())
+
+    wait_live(daemon, v1)
+    entry = wait_until(lambda: (f := file_entry(daemon, "colours-v2.pt")) and f["status"] == "rejected" and f)
+    assert entry["reason"] == f"load: {huge.stat().st_size} bytes, over max_checkpoint_bytes ({limit})"
+    assert cached(project) == ["colours-v1.pt"]
+
+
+def test_load_checkpoint_refuses_a_file_over_the_limit_before_reading_it(project):
+    from reloader.checkpoints import load_checkpoint
+    from reloader.errors import CheckpointRejected
+
+    path = project.stage("colours-v1.pt")
+    size = path.stat().st_size
+    with pytest.raises(CheckpointRejected, match=f"load: {size} bytes, over max_checkpoint_bytes \\({size - 1}\\)"):
+        load_checkpoint(path, size - 1)
+    assert load_checkpoint(path, size).size == size

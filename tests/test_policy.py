@@ -265,3 +265,27 @@ def test_a_pass_driven_by_the_policy_ends_after_each_file_is_judged_once():
     assert asked == [3, 2, 1]
     assert decision.error == "no valid checkpoint"
     assert [status for _, status, _ in decision.files] == [REJECTED] * 3
+
+
+def test_a_file_over_max_bytes_is_rejected_unread_and_the_next_one_judged():
+    big = Candidate(3, 0, Path("/ckpt/v3.pt"), 5000, 3)
+    reason = "load: 5000 bytes, over max_checkpoint_bytes (1000)"
+
+    assert plan(listing(V1, big), None, "latest", known(), max_bytes=1000) == Judge(V1, None)
+    assert plan(listing(V1, big), serving(V1), "latest", known({V1: "sha-live"}), max_bytes=1000) == settled(
+        LiveFile.PRESENT, None, (big, REJECTED, reason), (V1, LIVE, None)
+    )
+    assert plan(listing(V1, big), None, "latest", known()) == Judge(big, None)  # no limit given: judged
+
+
+def test_a_canary_bounds_the_search_as_the_live_version_does_and_a_newer_file_replaces_it():
+    live, canary = serving(V1), serving(V2, "sha-canary")
+    hashes = {V1: "sha-live", V2: "sha-canary"}
+
+    waiting = plan(listing(V1, V2), live, "latest", known(hashes), canary)
+    newer = plan(listing(V1, V2, V3), live, "latest", known(hashes), canary)
+    changed = plan(listing(V1, V2), live, "latest", known({V1: "sha-live", V2: "sha-other"}), canary)
+
+    assert waiting == settled(LiveFile.PRESENT, None, (V2, FileStatus.CANARY, None), (V1, LIVE, None))
+    assert newer == Judge(V3, None)
+    assert changed == Judge(V2, "sha-other")  # other bytes at the canary's path are judged anew
