@@ -6,7 +6,7 @@ CONFIG ?= config/models.yaml
 # torch < 2.10 has weights_only advisories; 2.14.1 + 0.29.1 is a pair that imports together.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup tools run test train-more bench lint clean
+.PHONY: setup tools run fleet test train-more bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -17,9 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' $(TORCH_PINS)
 	touch $@
 
-# Tests drive rsync against the daemon; install it where it is missing.
+# Tests drive rsync against the daemon, and nginx in front of a fleet; install them where they are missing.
 tools:
 	@command -v rsync >/dev/null || { (apt-get update -qq && apt-get install -y -qq rsync >/dev/null) || sudo apt-get install -y -qq rsync; }
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { (apt-get update -qq && apt-get install -y -qq nginx >/dev/null) || sudo apt-get install -y -qq nginx; }
 
 # The browser tests drive Debian's chromium through chromedriver; install both where they are missing.
 browser:
@@ -28,6 +29,12 @@ browser:
 run: setup
 	@ls checkpoints/shapes/*.pt >/dev/null 2>&1 || $(PY) -m examples.shapes.train --epochs 1
 	$(VENV)/bin/reloader serve --config $(CONFIG)
+
+# A fleet on one machine: moto's S3 server holding the demo's checkpoints, 3 replicas, nginx in front on :8080
+# (examples/fleet.py). Ctrl-C stops all of it.
+fleet: setup tools
+	@ls checkpoints/shapes/*.pt >/dev/null 2>&1 || $(PY) -m examples.shapes.train --epochs 1
+	$(PY) -m examples.fleet --config $(CONFIG)
 
 # Train more epochs while the daemon runs: each epoch lands as a new checkpoint and goes live.
 train-more: setup
