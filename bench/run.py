@@ -2,6 +2,7 @@
 
 python -m bench.run            # the full run (~15 min on 2 cores)
 python -m bench.run --quick    # a smoke run of every part (~4 min)
+python -m bench.fleet          # section 9 (the fleet) alone, into bench/out/fleet.md
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import inprocess, large, precision, reloads, servers, workload
+from . import fleet, inprocess, large, precision, reloads, servers, workload
 from .client import measure
 from .report import write_results
 
@@ -215,8 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         _phase("8. a large model: resnet101's gate and swap")
         try:
             prec["large"] = large.measure(tmp, logs, servers.reloader)
-        except (TimeoutError, RuntimeError, OSError) as exc:  # the last phase: keep the rest of the run
+        except (TimeoutError, RuntimeError, OSError) as exc:  # a failed phase keeps the rest of the run
             prec["large"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+        _phase("9. a fleet: 3 replicas behind nginx, checkpoints from S3 (moto); uploads and a rolling restart")
+        try:
+            fleet_run = fleet.measure(tmp, uploads=4 if args.quick else len(fleet.KINDS))
+        except Exception as exc:  # a failed phase keeps the rest of the run
+            fleet_run = {"error": f"{type(exc).__name__}: {exc}"}
 
         write_results(
             args.out,
@@ -245,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 "precision": prec,
             },
         )
+        fleet.append_results(args.out, fleet_run)
         _log(f"wrote {args.out} in {time.monotonic() - t_start:.0f} s")
     finally:
         if args.keep:
