@@ -6,7 +6,7 @@ CONFIG ?= config/models.yaml
 # torch < 2.10 has weights_only advisories; 2.14.1 + 0.29.1 is a pair that imports together.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup tools run fleet test train-more bench lint clean
+.PHONY: setup tools browser run fleet test train-more bench soak lint clean
 
 setup: $(VENV)/.installed
 
@@ -43,9 +43,16 @@ train-more: setup
 test: setup tools browser
 	$(PY) -m pytest
 
-bench: setup
+# Section 9 runs a fleet behind nginx (tools installs it).
+bench: setup tools
 	$(PY) -m pip install -q -e '.[test,bench]' $(TORCH_PINS)
 	$(PY) -m bench.run
+
+# SOAK_S seconds (default 1800) of c=8 load while checkpoints, bad files, config edits and SIGHUPs churn
+# (bench/soak.py); the results go to bench/SOAK.md. Run it alone, like bench.
+soak: setup
+	@ls checkpoints/shapes/*.pt >/dev/null 2>&1 || $(PY) -m examples.shapes.train --epochs 1
+	$(PY) -m bench.soak
 
 # ruff, then mypy on reloader/ (its settings are [tool.mypy] in pyproject.toml).
 lint: setup

@@ -22,6 +22,7 @@ from . import workload
 from .client import measure as load
 from .servers import Server
 
+SECTION = "## 10. The shadow canary (issue 12)"
 CONCURRENCY = 16
 MAX_OVERHEAD = 0.1
 TARGET_THROUGHPUT = 0.88  # of the run without a canary, at least

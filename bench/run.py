@@ -3,6 +3,7 @@
 python -m bench.run            # the full run (~15 min on 2 cores)
 python -m bench.run --quick    # a smoke run of every part (~4 min)
 python -m bench.fleet          # section 9 (the fleet) alone, into bench/out/fleet.md
+python -m bench.run --only canary   # section 10 (the shadow canary) alone, into bench/out/canary.md
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import fleet, inprocess, large, precision, reloads, servers, workload
+from . import canary, fleet, inprocess, large, precision, reloads, servers, workload
 from .client import measure
 from .report import write_results
 
@@ -47,10 +48,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--swap-every", type=float, default=2.0, help="seconds between dropped checkpoints")
     parser.add_argument("--swaps", type=int, help="valid swaps for the memory measurement (default 100)")
     parser.add_argument("--split", type=int, help="drops per kind for the reload latency split (default 10)")
-    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--out", type=Path, help="default bench/RESULTS.md (bench/out/<section>.md with --only)")
+    parser.add_argument("--only", choices=["canary"], help="run one section alone")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (checkpoints, configs, logs)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads for every process (default: torch's)")
     args = parser.parse_args(argv)
+    args.out = args.out or (HERE / "out" / f"{args.only}.md" if args.only else HERE / "RESULTS.md")
     quick = args.quick
     args.duration = args.duration or (3.0 if quick else 15.0)
     args.swap_duration = args.swap_duration or (8.0 if quick else 60.0)
@@ -124,8 +127,27 @@ def _levels(server: servers.Server, path: str, images: list[bytes], limit: inpro
     return rows
 
 
+def _canary_section(tmp: Path, logs: Path, images: list[bytes], args: argparse.Namespace, out: Path) -> None:
+    _phase("10. the shadow canary: c=16 with and without a candidate in shadow")
+    try:
+        run = canary.measure(tmp, logs, images, args, servers.reloader)
+    except Exception as exc:  # a failed phase keeps the rest of the run
+        run = {"error": f"{type(exc).__name__}: {exc}"}
+    with open(out, "a") as fh:
+        fh.write("\n".join(["", canary.SECTION, "", *canary.report_lines(run), "", *canary.targets(run), ""]))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    if args.only == "canary":
+        tmp = Path(tempfile.mkdtemp(prefix="reloader-bench-canary-"))
+        (tmp / "logs").mkdir()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"# reloader benchmark: the canary section alone\n\n- Load average {_loadavg()}.\n")
+        _canary_section(tmp, tmp / "logs", workload.jpeg_images(), args, args.out)
+        print(args.out.read_text())
+        shutil.rmtree(tmp, ignore_errors=True)
+        return 0
     if args.threads:
         # Servers inherit the environment; this process sets its own pool.
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
@@ -253,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         fleet.append_results(args.out, fleet_run)
+        _canary_section(tmp, logs, images, args, args.out)
         _log(f"wrote {args.out} in {time.monotonic() - t_start:.0f} s")
     finally:
         if args.keep:
