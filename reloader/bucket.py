@@ -12,6 +12,11 @@ each one holds, so a restart with the endpoint down serves the newest valid vers
 
 While the endpoint cannot be listed, the last listing stands (or, at start, the cache's contents): the
 live version keeps serving, and listing is retried with exponential backoff and jitter.
+
+Where the model requires signatures, a checkpoint's signature is the object `<key>.sig` beside it: its
+ETag is part of the candidate (a new .sig makes the checkpoint judged again), `fetch` downloads it (at
+most MAX_SIG_BYTES of it) to `<file>.sig` beside the cached file, and a checkpoint listed without one is
+incomplete for `settle_ms`, then judged (and rejected unsigned), as in a folder.
 """
 
 from __future__ import annotations
@@ -22,16 +27,17 @@ import os
 import random
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoints import Candidate, is_checkpoint_name, parse_version
+from .checkpoints import Candidate, is_checkpoint_name, is_signature_name, parse_version
 from .config import WatchConfig
 from .errors import FetchFailed
 from .events import CheckpointSeen, EventBus
 from .locations import S3Location
 from .settle import FileEvent
+from .signing import MAX_SIG_BYTES, SIG_SUFFIX, UNSIGNED, SignatureWait, signature_path
 from .source import Clock, Listing, Wake
 
 if TYPE_CHECKING:
@@ -96,6 +102,7 @@ class BucketSource:
         self.location = where.uri()
         self.folder = cache_dir / model
         self._interval = watch.poll_interval
+        self._settle_s = watch.settle_ms / 1000.0
         self._keep = keep
         self._bus = bus
         self._clock = clock
@@ -105,6 +112,8 @@ class BucketSource:
         self._listed: tuple[Candidate, ...] | None = None  # the last listing that succeeded
         self._seen: dict[Path, float] = {}  # a new or changed object -> when a listing first showed it
         self._index: dict[str, Entry] = self._read_index()
+        self._sigs: dict[str, str] = {}  # file name -> ETag of the .sig downloaded beside it
+        self._unsigned = SignatureWait()
 
     # -- configuration and naming ------------------------------------------------------------------
 
@@ -113,21 +122,23 @@ class BucketSource:
 
     def configure(self, watch: WatchConfig, keep: int) -> None:
         self._interval, self._keep = watch.poll_interval, keep
+        self._settle_s = watch.settle_ms / 1000.0
 
     def name(self, path: Path) -> str:
         return self.where.uri(path.name)
 
     # -- the source protocol -----------------------------------------------------------------------
 
-    def listing(self, now: float) -> Listing:
+    def listing(self, now: float, signed: bool = False) -> Listing:
         try:
-            candidates = self._list()
+            candidates = self._list(signed)
         except Exception as exc:  # boto3 raises botocore's and its own; every one is the source's error
             self._failures += 1
             delay = min(self._interval * 2**self._failures, max(self._interval, MAX_BACKOFF_S))
             self._next_poll = now + delay * random.uniform(0.5, 1.0)
             known = self._listed if self._listed is not None else self._cached()
-            return Listing(known, frozenset(), f"cannot list {self.location}: {why(exc)}")
+            waiting = self._unsigned.hold(known if signed else (), frozenset(), now, self._settle_s)
+            return Listing(known, frozenset(waiting), f"cannot list {self.location}: {why(exc)}", waiting)
         self._failures = 0
         self._next_poll = now + self._interval
         for cand in candidates:
@@ -135,15 +146,22 @@ class BucketSource:
                 self._seen[cand.path] = now
                 self._bus.publish(CheckpointSeen(self.model, cand.path, FileEvent.LISTED, self.name(cand.path)))
         self._listed = candidates
-        return Listing(candidates, frozenset(), None)
+        waiting = self._unsigned.hold(candidates if signed else (), frozenset(), now, self._settle_s)
+        return Listing(candidates, frozenset(waiting), None, waiting)
 
     def arriving(self, now: float) -> frozenset[Path]:
         return frozenset()  # S3 lists an object only once its upload completed; downloads finish in `fetch`
 
     def fetch(self, candidate: Candidate) -> Path:
-        """The object's bytes in the cache, downloading them unless the cache already holds this version."""
-        if self._holds(candidate):
-            return candidate.path
+        """The object's bytes in the cache, downloading them unless the cache already holds this version
+        (and, where signatures are required, its `.sig` beside them)."""
+        if not self._holds(candidate):
+            self._download(candidate)
+        if candidate.sig:  # "": not required, or an offline start from the cache, whose .sig stays as it was
+            self._fetch_signature(candidate)
+        return candidate.path
+
+    def _download(self, candidate: Candidate) -> None:
         name = candidate.path.name
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.folder / f".{name}.{uuid.uuid4().hex[:8]}.part"
@@ -165,13 +183,31 @@ class BucketSource:
             raise FetchFailed(f"cannot download {self.name(candidate.path)}: {why(exc)}") from exc
         self._index[name] = Entry(candidate.tag, candidate.size, candidate.mtime_ns)
         self._write_index()
-        return candidate.path
+
+    def _fetch_signature(self, candidate: Candidate) -> None:
+        name, local = candidate.path.name, signature_path(candidate.path)
+        if candidate.sig == UNSIGNED or self._sigs.get(name) != candidate.sig:
+            local.unlink(missing_ok=True)  # never judge a checkpoint with a .sig its object no longer has
+            self._sigs.pop(name, None)
+        if candidate.sig == UNSIGNED or local.exists():
+            return
+        tmp = self.folder / f".{name}{SIG_SUFFIX}.{uuid.uuid4().hex[:8]}.part"
+        key = self.where.prefix + name + SIG_SUFFIX
+        try:
+            response = self._s3().get_object(Bucket=self.where.bucket, Key=key, IfMatch=candidate.sig)
+            with response["Body"] as body:
+                tmp.write_bytes(body.read(MAX_SIG_BYTES + 1))  # a bigger one is cut there, and refused by the gate
+            os.replace(tmp, local)
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            raise FetchFailed(f"cannot download {self.where.uri(name + SIG_SUFFIX)}: {why(exc)}") from exc
+        self._sigs[name] = candidate.sig
 
     def unchanged(self, candidate: Candidate) -> bool:
         return self._holds(candidate)
 
     def next_due(self) -> float | None:
-        return None  # nothing is ever half-arrived (see `arriving`)
+        return self._unsigned.next_due()  # nothing is half-arrived (see `arriving`), but a .sig may be awaited
 
     def next_poll(self) -> float | None:
         return self._next_poll
@@ -197,6 +233,8 @@ class BucketSource:
                 room -= 1
                 continue
             (self.folder / name).unlink(missing_ok=True)
+            signature_path(self.folder / name).unlink(missing_ok=True)
+            self._sigs.pop(name, None)
             del self._index[name]
             evicted = True
         if evicted:
@@ -213,8 +251,9 @@ class BucketSource:
             self._client = boto3.session.Session().client("s3", config=config)
         return self._client
 
-    def _list(self) -> tuple[Candidate, ...]:
+    def _list(self, signed: bool) -> tuple[Candidate, ...]:
         prefix = self.where.prefix
+        sigs: dict[str, str] = {}  # checkpoint name -> its .sig's ETag
         pages = self._s3().get_paginator("list_objects_v2").paginate(
             Bucket=self.where.bucket, Prefix=prefix, Delimiter="/"
         )
@@ -222,12 +261,18 @@ class BucketSource:
         for page in pages:
             for obj in page.get("Contents", ()):
                 name = obj["Key"][len(prefix) :]
-                if "\0" in name or not is_checkpoint_name(name):
+                if "\0" in name:
+                    continue
+                if signed and is_signature_name(name):
+                    sigs[name[: -len(SIG_SUFFIX)]] = obj["ETag"]
+                if not is_checkpoint_name(name):
                     continue
                 mtime_ns = int(obj["LastModified"].timestamp() * 1e9)
                 found.append(
                     Candidate(parse_version(name), mtime_ns, self.folder / name, obj["Size"], 0, obj["ETag"])
                 )
+        if signed:
+            found = [replace(c, sig=sigs.get(c.path.name, UNSIGNED)) for c in found]
         return tuple(sorted(found, reverse=True))
 
     def _holds(self, candidate: Candidate) -> bool:
@@ -261,7 +306,7 @@ class BucketSource:
             pass
         with contextlib.suppress(OSError):
             for old in self.folder.iterdir():
-                if is_checkpoint_name(old.name):
+                if is_checkpoint_name(old.name) or is_signature_name(old.name):
                     old.unlink()
         return {}
 

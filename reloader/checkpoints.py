@@ -16,6 +16,7 @@ import torch
 
 from .errors import CheckpointIncomplete, CheckpointRejected, UnsafeEnvironment
 from .files import open_regular
+from .signing import SIG_SUFFIX, sig_identity
 
 SUFFIXES = (".pt", ".pth", ".safetensors")
 IGNORED_SUFFIXES = (".tmp", ".part", "~")
@@ -38,6 +39,11 @@ def is_checkpoint_name(name: str) -> bool:
     return not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES) and name.endswith(SUFFIXES)
 
 
+def is_signature_name(name: str) -> bool:
+    """A checkpoint's signature file, `<checkpoint name>.sig` (never a candidate itself)."""
+    return name.endswith(SIG_SUFFIX) and is_checkpoint_name(name[: -len(SIG_SUFFIX)])
+
+
 def parse_version(name: str) -> int:
     """The last number in the file's stem: shapes-v12.pt is 12, epoch_003.pt is 3; no number is 0."""
     numbers = _NUMBER.findall(Path(name).stem)
@@ -54,30 +60,33 @@ class Candidate:
     size: int
     inode: int
     tag: str = ""  # an object's ETag, for a bucket's candidates
+    sig: str = ""  # where signatures are required: its .sig's identity, or signing.UNSIGNED when there is none
 
     @property
     def signature(self) -> tuple[int, int, int, str]:
-        """Changes whenever the file's content may have changed; the sha256 decides if it really did."""
-        return (self.inode, self.size, self.mtime_ns, self.tag)
+        """Changes whenever the file's content (or its .sig) may have changed; the sha256 decides if it did."""
+        return (self.inode, self.size, self.mtime_ns, f"{self.tag} sig {self.sig}" if self.sig else self.tag)
 
 
-def stat_candidate(path: Path) -> Candidate | None:
+def stat_candidate(path: Path, signed: bool = False) -> Candidate | None:
+    """The candidate at `path`; with `signed`, its .sig's identity too (see signing.sig_identity)."""
     try:
         st = path.stat(follow_symlinks=False)
     except OSError:
         return None
     if not stat.S_ISREG(st.st_mode) or not is_checkpoint_name(path.name):
         return None
-    return Candidate(parse_version(path.name), st.st_mtime_ns, path, st.st_size, st.st_ino)
+    sig = sig_identity(path) if signed else ""
+    return Candidate(parse_version(path.name), st.st_mtime_ns, path, st.st_size, st.st_ino, sig=sig)
 
 
-def scan(folder: Path) -> list[Candidate]:
+def scan(folder: Path, signed: bool = False) -> list[Candidate]:
     """Every candidate in the folder, newest first."""
     try:
         names = os.listdir(folder)
     except OSError:
         return []
-    found = (stat_candidate(folder / name) for name in names)
+    found = (stat_candidate(folder / name, signed) for name in names)
     return sorted((c for c in found if c is not None), reverse=True)
 
 
@@ -173,23 +182,59 @@ def too_large(size: int, limit: int) -> str:
     return f"{size} bytes, over max_checkpoint_bytes ({limit})"
 
 
-def load_checkpoint(path: Path, max_bytes: int | None = None) -> LoadedCheckpoint:
-    """Hash and deserialize one open file; if it did not change meanwhile, the hash is of what loaded.
+@dataclass(frozen=True)
+class OpenCheckpoint:
+    """A checkpoint opened and hashed, not yet parsed: the load parses through this same descriptor."""
 
-    Streaming through one file descriptor, rather than reading the file into memory first, keeps the
-    peak during a swap near one copy of the model: the tensors, not the tensors plus the file's bytes.
-    """
-    check_environment()
+    path: Path
+    fh: BinaryIO
+    before: os.stat_result  # taken before the hash
+    sha256: str
+
+    def changing(self) -> bool:
+        """The file changed since `before` (through the descriptor, or at its path)."""
+        try:
+            return _changed(self.before, os.fstat(self.fh.fileno())) or _still_changing(self.path, self.before)
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def open_checkpoint(path: Path, max_bytes: int | None = None) -> OpenCheckpoint:
+    """Open a checkpoint (a regular file, links refused) and hash it; the caller parses or closes it."""
     try:
         fh = open_regular(path, follow_links=False)
     except OSError as exc:
         raise CheckpointRejected("load", f"cannot read file: {exc.strerror}") from exc
-    with fh:
+    try:
+        before = os.fstat(fh.fileno())
+        if max_bytes is not None and before.st_size > max_bytes:
+            raise CheckpointRejected("load", too_large(before.st_size, max_bytes))
+        return OpenCheckpoint(path, fh, before, hash_open_file(fh))
+    except OSError as exc:
+        fh.close()
+        raise CheckpointRejected("load", f"cannot read file: {exc.strerror}") from exc
+    except BaseException:
+        fh.close()
+        raise
+
+
+def load_checkpoint(path: Path, max_bytes: int | None = None, opened: OpenCheckpoint | None = None) -> LoadedCheckpoint:
+    """Hash and deserialize one open file; if it did not change meanwhile, the hash is of what loaded.
+
+    Streaming through one file descriptor, rather than reading the file into memory first, keeps the
+    peak during a swap near one copy of the model: the tensors, not the tensors plus the file's bytes.
+    `opened` is the file already opened and hashed (by the signature check, which compared that hash with
+    the signed one): it is parsed through that descriptor, and closed.
+    """
+    check_environment()
+    if opened is None:
+        opened = open_checkpoint(path, max_bytes)
+    before = opened.before
+    with opened.fh as fh:
         try:
-            before = os.fstat(fh.fileno())
-            if max_bytes is not None and before.st_size > max_bytes:
-                raise CheckpointRejected("load", too_large(before.st_size, max_bytes))
-            sha256 = hash_open_file(fh)
             fh.seek(0)
             try:
                 obj = _deserialize(fh, path.suffix)
@@ -203,11 +248,13 @@ def load_checkpoint(path: Path, max_bytes: int | None = None) -> LoadedCheckpoin
     if _changed(before, after):
         raise CheckpointIncomplete("load", "file changed while it was read; it is still being written")
     state_dict = _strip_prefixes(_unwrap(obj))
-    return LoadedCheckpoint(state_dict, sha256, after.st_size, after.st_mtime_ns)
+    return LoadedCheckpoint(state_dict, opened.sha256, after.st_size, after.st_mtime_ns)
 
 
 def _changed(before: os.stat_result, after: os.stat_result) -> bool:
-    return (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
+    # ctime too: a writer can set size and mtime back (truncate, utime), never ctime.
+    fields = ("st_size", "st_mtime_ns", "st_ctime_ns")
+    return tuple(getattr(before, f) for f in fields) != tuple(getattr(after, f) for f in fields)
 
 
 def _still_changing(path: Path, seen: os.stat_result) -> bool:

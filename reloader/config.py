@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .evalset import Evaluation
 from .files import open_regular
 from .locations import S3Location, default_cache_dir, resolve_path
+from .signing import SignatureConfig
 from .yamlfile import load_yaml
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -140,6 +141,8 @@ class ModelConfig(_Frozen):
     # A bigger file is rejected unread (and an object is never downloaded): a dropped 50 GB file must not
     # fill memory. 10 GiB is far above any image classifier's weights.
     max_checkpoint_bytes: int = Field(default=10 << 30, gt=0, le=1 << 40)
+    # Only files signed with this key (a `<file>.sig` beside each) may serve; see README "Signed checkpoints".
+    signature: SignatureConfig | None = None
 
     @field_validator("arch")
     @classmethod

@@ -1,4 +1,5 @@
-"""The validation gate: a checkpoint may serve only after it loads safely, fits, is finite and answers right.
+"""The validation gate: a checkpoint may serve only after it loads safely, fits, is finite and answers right
+(and, where the model requires it, is signed with its key: the `signature` check runs first).
 
 The gate only judges. It returns what it found (the prepared module, the preprocessor, the report with the
 sha256 of the bytes that loaded); the worker decides what to do with a verdict and builds the live record.
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .architectures import build_model
-from .checkpoints import LoadedCheckpoint, load_checkpoint, parse_version
+from .checkpoints import LoadedCheckpoint, OpenCheckpoint, load_checkpoint, open_checkpoint, parse_version
 from .compute import run_forward
 from .config import ModelConfig
 from .errors import CheckpointIncomplete, CheckpointRejected, ConfigError, InvalidImage
@@ -25,6 +26,7 @@ from .hardware import Hardware
 from .images import Preprocessor
 from .precision import Evidence, Form, Unfaithful, choose, served
 from .report import CheckResult, EvaluationResult, ValidationReport, VariantResult, ms_since
+from .signing import SignatureCheck
 
 Prepare = Callable[[torch.nn.Module, ModelConfig], torch.nn.Module]
 # Evaluation images the fidelity check uses (half calibrate int8, half prove every form), spread over the set.
@@ -79,7 +81,7 @@ class _Checks:
 
 
 class Gate:
-    """The four checks in order, for one model definition; built once per config, reused for every file."""
+    """The checks in order, for one model definition; built once per config, reused for every file."""
 
     def __init__(
         self,
@@ -102,6 +104,7 @@ class Gate:
         if why is not None:
             raise ConfigError(f"models.{name}.precision: {why}; use fp32, or auto to take it only where it runs")
         self.warmup = self._warmup_images()
+        self.signature = None if config.signature is None else SignatureCheck(name, config.signature)
         spec = config.evaluation
         self.evaluation = None if spec is None else EvaluationSet(name, spec, config.labels, self.preprocessor)
         # img/s of each precision form, measured once per definition (a new pin keeps them: same definition)
@@ -130,9 +133,17 @@ class Gate:
         precision, form = "fp32", "eager"
         variants: tuple[VariantResult, ...] = ()
         evaluation: EvaluationResult | None = None
+        opened: OpenCheckpoint | None = None
         try:
+            if self.signature is not None:
+                with checks.check("signature") as detail:
+                    # Before a byte of the file is parsed: the .sig verified, then the file hashed through the
+                    # descriptor the load parses from, and that hash compared with the signed one.
+                    signed = self.signature.verify(path)
+                    opened = open_checkpoint(path, self.config.max_checkpoint_bytes)
+                    detail.append(self.signature.match(signed, path, opened.sha256, opened.changing))
             with checks.check("load") as detail:
-                loaded = load_checkpoint(path, self.config.max_checkpoint_bytes)
+                loaded = load_checkpoint(path, self.config.max_checkpoint_bytes, opened)
                 detail.append(f"{len(loaded.state_dict)} tensors, {loaded.size} bytes, sha256 {loaded.sha256[:12]}")
             with checks.check("structure") as detail:
                 module = build_model(self.config.arch, self.config.num_classes, loaded.state_dict)
@@ -168,11 +179,14 @@ class Gate:
                     detail.append(evaluation.summary())
         except _Failed:
             module = None
+        finally:
+            if opened is not None:
+                opened.close()  # the load closes it; not when a check before the load failed
         report = ValidationReport(
             model=self.name,
             path=shown(path) if name is None else name,
             version=parse_version(path.name),
-            sha256=loaded.sha256 if loaded else None,
+            sha256=loaded.sha256 if loaded else opened.sha256 if opened else None,  # hashed by the signature check
             size=loaded.size if loaded else None,
             mtime_ns=loaded.mtime_ns if loaded else None,
             checks=tuple(checks.results),

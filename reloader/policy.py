@@ -11,7 +11,8 @@ The rules:
   (then every file is judged again under the new one).
 - `version: N` pins: only files of version N may serve; `latest` follows the newest valid file.
 - A file still arriving is incomplete, never judged. A file whose content was rejected stays rejected,
-  without being judged again, until its content changes.
+  without being judged again, until its content changes; one rejected by the signature check, until its
+  content or its `.sig` changes (a `.sig` that lands later counts).
 - A canary (a candidate shadowing live traffic) bounds the search like the live version: older files
   stay standby, a newer one is judged and replaces it.
 - Deleting the live file falls back to the newest valid remaining file; with none, the version in memory
@@ -21,7 +22,7 @@ The rules:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Literal
@@ -69,6 +70,8 @@ class Known:
     hashes: Mapping[Path, tuple[Signature, str]]  # sha256 of each path, valid while its signature holds
     rejected: Mapping[str, str]  # sha256 -> why that content was rejected
     judged: Mapping[Path, tuple[FileStatus, str | None]]  # files already settled by this pass
+    # (sha256, candidate signature, which holds its .sig's identity) -> why the signature check rejected it
+    unsigned: Mapping[tuple[str, Signature], str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ def plan(
             statuses[cand.path] = known.judged[cand.path]
             continue
         if cand.path in listing.arriving:
-            statuses[cand.path] = (FileStatus.INCOMPLETE, "still being written")
+            statuses[cand.path] = (FileStatus.INCOMPLETE, listing.waiting.get(cand.path, "still being written"))
             continue
         if max_bytes and cand.size > max_bytes:
             statuses[cand.path] = (FileStatus.REJECTED, f"load: {too_large(cand.size, max_bytes)}")
@@ -151,8 +154,9 @@ def plan(
         if canary is not None and digest == canary.sha256 and cand.path == canary.path:
             statuses[cand.path] = (FileStatus.CANARY, None)
             break
-        if digest is not None and digest in known.rejected:
-            statuses[cand.path] = (FileStatus.REJECTED, known.rejected[digest])
+        reason = None if digest is None else known.rejected.get(digest) or known.unsigned.get((digest, cand.signature))
+        if reason is not None:
+            statuses[cand.path] = (FileStatus.REJECTED, reason)
             continue
         return Judge(cand, digest)
     files = tuple((c, *_status(c, live, statuses)) for c in listing.candidates)

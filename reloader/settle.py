@@ -82,8 +82,14 @@ class Settling:
     def waiting(self) -> bool:
         return bool(self._due)
 
-    def unsettled(self, now: float) -> set[Path]:
-        """Files still being written; files whose deadline passed are forgotten (they are settled)."""
+    def unsettled(self, now: float, forget: bool = True) -> set[Path]:
+        """Files still being written; with `forget`, files whose deadline passed are forgotten (settled).
+
+        Only a listing should forget: it is what then judges them. A look in the middle of a pass (is the
+        file just judged still being written?) must leave a deadline that passed meanwhile for `next_due`,
+        or a file that settled during the pass would wait for an event that may never come."""
+        if not forget:
+            return {p for p, due in self._due.items() if due > now}  # every path written to has a deadline
         for path, due in list(self._due.items()):
             if due <= now:
                 del self._due[path]

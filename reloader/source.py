@@ -6,22 +6,27 @@ is driven by watcher events and the settle rules. A remote source (a polled buck
 same shape (`bucket.BucketSource`): its candidates' paths are where `fetch` puts each object in a local
 cache, their signature changes with the object's ETag, its worker lists it again at `next_poll`, and
 `error` says why the endpoint cannot be listed while the worker keeps serving from memory.
+
+Where the model requires signatures (`listing(now, signed=True)`), each candidate carries its `.sig`'s
+identity, and a checkpoint is still arriving while its `.sig` is being written, or, with none beside it,
+for `settle_ms` after it settled (signing.SignatureWait); then the gate judges it (and rejects it unsigned).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .checkpoints import Candidate, scan, stat_candidate
+from .checkpoints import Candidate, is_signature_name, scan, stat_candidate
 from .config import WatchConfig
 from .events import CheckpointSeen, EventBus
 from .files import shown
 from .settle import FileEvent, Settling
+from .signing import SIG_SUFFIX, SignatureWait
 
 Clock = Callable[[], float]
 # Called by a source when something changed: True when a pass should run now, False when only the time
@@ -34,6 +39,8 @@ class Listing:
     candidates: tuple[Candidate, ...]  # newest first
     arriving: frozenset[Path]  # still being written or fetched: not to be loaded yet
     error: str | None  # why the source cannot be listed; the live version keeps serving meanwhile
+    # why an arriving file is not to be loaded yet, where that is not "still being written"
+    waiting: Mapping[Path, str] = field(default_factory=dict)
 
 
 class CheckpointSource(Protocol):
@@ -47,7 +54,9 @@ class CheckpointSource(Protocol):
         """How a candidate's file is named to people: its path, or the object it came from."""
         ...
 
-    def listing(self, now: float) -> Listing: ...
+    def listing(self, now: float, signed: bool = False) -> Listing:
+        """What is there now; `signed`: the model requires signatures (each candidate's `.sig` counts)."""
+        ...
 
     def arriving(self, now: float) -> frozenset[Path]: ...
 
@@ -85,6 +94,8 @@ class LocalFolder:
         self._lock = threading.Lock()
         self._settling = Settling(watch)  # guarded by _lock
         self._arrived: dict[Path, float] = {}  # path -> when an event first reported it; guarded by _lock
+        self._signed = False  # the last listing's: signatures are required; guarded by _lock
+        self._unsigned = SignatureWait()  # guarded by _lock
 
     def subscribe(self, wake: Wake) -> None:
         self._wake = wake
@@ -94,7 +105,13 @@ class LocalFolder:
             self._settling.watch = watch
 
     def file_event(self, path: Path, kind: FileEvent) -> None:
+        """A checkpoint's event, or its `.sig`'s (the watcher sends those for models that require signatures)."""
         now = self._clock()
+        if is_signature_name(path.name):
+            with self._lock:  # settled under its own path: the checkpoint's own writing state stays as it is
+                immediate = self._settling.event(path, kind, now)
+            self._wake(immediate)
+            return
         with self._lock:
             first = kind is not FileEvent.DELETED and path not in self._arrived
             self._arrived.setdefault(path, now)
@@ -110,25 +127,41 @@ class LocalFolder:
     def name(self, path: Path) -> str:
         return shown(path)
 
-    def listing(self, now: float) -> Listing:
-        arriving = self.arriving(now)
+    def listing(self, now: float, signed: bool = False) -> Listing:
+        with self._lock:
+            self._signed = signed
+        arriving = self._unsettled(now, forget=True)
         error = None if self.folder.is_dir() else f"checkpoints folder {self.folder} is missing"
-        return Listing(tuple(scan(self.folder)), arriving, error)
+        candidates = tuple(scan(self.folder, signed=True) if signed else scan(self.folder))
+        with self._lock:
+            wait_s = self._settling.settle_s
+            waiting = self._unsigned.hold(candidates if signed else (), arriving, now, wait_s)
+        return Listing(candidates, arriving | waiting.keys(), error, waiting)
 
     def arriving(self, now: float) -> frozenset[Path]:
+        return self._unsettled(now, forget=False)
+
+    def _unsettled(self, now: float, forget: bool) -> frozenset[Path]:
+        """Files still being written; with signatures required, also those whose `.sig` is being written."""
         with self._lock:
-            return frozenset(self._settling.unsettled(now))
+            unsettled = self._settling.unsettled(now, forget)
+            signed = self._signed
+        files = {p for p in unsettled if not is_signature_name(p.name)}
+        if signed:
+            files |= {p.with_name(p.name[: -len(SIG_SUFFIX)]) for p in unsettled if is_signature_name(p.name)}
+        return frozenset(files)
 
     def fetch(self, candidate: Candidate) -> Path:
         return candidate.path
 
     def unchanged(self, candidate: Candidate) -> bool:
-        """The file is still what the listing saw (same inode, size and mtime)."""
-        return stat_candidate(candidate.path) == candidate
+        """The file is still what the listing saw (same inode, size and mtime; and the same `.sig`, if any)."""
+        return stat_candidate(candidate.path, signed=bool(candidate.sig)) == candidate
 
     def next_due(self) -> float | None:
         with self._lock:
-            return self._settling.next_due()
+            due = [t for t in (self._settling.next_due(), self._unsigned.next_due()) if t is not None]
+        return min(due, default=None)
 
     def next_poll(self) -> float | None:
         return None  # the watcher reports changes (and polls, where `watch.poll` says so)

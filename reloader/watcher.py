@@ -29,7 +29,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
-from .checkpoints import is_checkpoint_name
+from .checkpoints import is_checkpoint_name, is_signature_name
 from .config import Config
 from .events import ConfigApplied, Event, EventBus
 from .settle import FileEvent
@@ -72,6 +72,10 @@ class _Handler(FileSystemEventHandler):
     def _checkpoint(self, path: Path, kind: FileEvent) -> None:
         if path.parent in self._watcher.folders and is_checkpoint_name(path.name):
             self._watcher.supervisor.file_event(path, kind)
+        elif path.parent in self._watcher.signed_folders and is_signature_name(path.name):
+            # A checkpoint's .sig (only where its model requires signatures): its source judges the checkpoint
+            # when the .sig lands, and holds it while the .sig is being written.
+            self._watcher.supervisor.file_event(path, kind)
 
 
 def _text(path: str | bytes) -> str:
@@ -101,6 +105,7 @@ class Watcher(LoopThread):
         self._wanted: frozenset[Path] = frozenset()
         self._unwatchable: set[Path] = set()  # already logged as missing or failing
         self.folders: frozenset[Path] = frozenset()
+        self.signed_folders: frozenset[Path] = frozenset()  # of models that require signatures
 
     def is_config_path(self, path: Path | None) -> bool:
         return (
@@ -204,6 +209,9 @@ class Watcher(LoopThread):
                 self._schedule(folder)
             # Not only the watched ones: events a folder's watch queued before it ended must get through.
             self.folders = self._wanted
+            self.signed_folders = frozenset(
+                m.checkpoints for m in config.models.values() if isinstance(m.checkpoints, Path) and m.signature
+            )
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

@@ -199,7 +199,7 @@ class ModelWorker(LoopThread):
         except ConfigError as exc:
             self._publish(source, Settled((), self._found.live_file, str(exc)))
             return
-        listing = source.listing(self._clock())
+        listing = source.listing(self._clock(), signed=config.signature is not None)
         if listing.error != self._source_error:
             self._source_error = listing.error
             self._bus.publish(SourceStatus(self.name, source.location, listing.error))
