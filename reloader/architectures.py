@@ -22,7 +22,7 @@ def resolve_factory(arch: str) -> Factory:
         module_name, _, attr = arch.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
+        except (ImportError, AttributeError, TypeError) as exc:  # TypeError: a relative name, ".module"
             raise ValueError(f"cannot import factory {arch!r}: {exc}") from exc
         if not callable(factory):
             raise ValueError(f"{arch!r} is not callable")

@@ -38,6 +38,8 @@ class Evaluation(BaseModel):
         if "files" in data or "digest" in data:
             raise ValueError("files and digest are read from the images folder, not given")
         folder = resolve_path(data["images"], info)
+        if not isinstance(folder, Path):
+            raise ValueError(f"images must name a folder, got {type(folder).__name__}")
         return {**data, "images": folder, **_scan_image_folder(folder)}
 
 

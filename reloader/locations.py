@@ -47,7 +47,10 @@ def resolve_path(value: Any, info: ValidationInfo) -> Any:
     """Relative paths resolve against the config file's folder, not the working directory."""
     if value is None or not isinstance(value, (str, Path)):
         return value
-    path = Path(value).expanduser()
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError as exc:  # "~user" for a user that does not exist
+        raise ValueError(f"{str(value)!r}: {exc}") from None
     base = (info.context or {}).get("base_dir")
     if base is not None and not path.is_absolute():
         path = Path(base) / path

@@ -37,7 +37,20 @@ class _Loader(yaml.SafeLoader):
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        # PyYAML's scalar constructors raise plain errors for some values (`!!timestamp x`, `!!bool x`,
+        # `!!int ""`, an integer of 5000 digits): made YAMLErrors with the value's line, as the others are.
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, LookupError, AttributeError, TypeError) as exc:
+            message = f"cannot read this {node.tag.rpartition(':')[2]}: {str(exc)[:100]}"
+            raise yaml.constructor.ConstructorError(None, None, message, node.start_mark) from exc
+
 
 def load_yaml(raw: bytes) -> Any:
-    """Parse a YAML document; yaml.YAMLError (with the line) for a syntax error, a duplicate key or an alias bomb."""
-    return yaml.load(raw, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    """Parse a YAML document; yaml.YAMLError (with the line) for a syntax error, a duplicate key, an alias bomb,
+    a value its tag cannot read, or collections nested deeper than the parser's recursion can follow."""
+    try:
+        return yaml.load(raw, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # the parser recurses once per level: a few hundred `[` exhaust the stack
+        raise yaml.YAMLError("collections nested too deeply") from None
