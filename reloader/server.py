@@ -14,6 +14,7 @@ from types import FrameType
 
 import uvicorn
 
+from . import openapi
 from .app import Service, build_app
 from .batching import Batcher
 from .canary import Canaries
@@ -119,7 +120,7 @@ class Daemon:
         self.parts = Parts([(Supervisor.PART, self.supervisor), (Watcher.PART, self.watcher)])
         self.metrics.observe(self.supervisor, self.batcher, self.parts)
         self.service = Service(self.supervisor, self.batcher, self.parts.dead)
-        self.app = build_app(self.service, [*v2_routes(self.service), self.metrics.route()])
+        self.app = build_app(self.service, [*v2_routes(self.service), self.metrics.route(), openapi.route()])
         self.app.add_middleware(RequestMetrics, metrics=self.metrics, models=lambda: self.supervisor.config.models)
         server = config.server
         self.server = _Server(
