@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import math
+import reprlib
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,9 @@ OUTPUT = "PROBABILITIES"
 EXTENSIONS = ["classification", "binary_tensor_data"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIGITS = 18  # any length a request can have fits; more digits is no length at all
+MAX_RANK = 8  # dimensions of the input's shape ([n] is what the model takes; [n, 1] and such are accepted)
+_SHORT = reprlib.Repr()  # values echoed in errors are cut: a request must not make a megabyte of error
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class InferRequest:
 def _int(value: Any, what: str, minimum: int) -> int:
     # bool is an int in Python, but `true` is no size in JSON.
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InvalidRequest(f"{what} must be an integer >= {minimum}, got {value!r}")
+        raise InvalidRequest(f"{what} must be an integer >= {minimum}, got {_SHORT.repr(value)}")
     return value
 
 
@@ -152,7 +156,13 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> Infe
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not shape:
         raise InvalidRequest(f"input {INPUT!r} needs a shape such as [n], got {shape!r}")
+    if len(shape) > MAX_RANK:
+        raise InvalidRequest(f"input {INPUT!r} has {len(shape)} dimensions; at most {MAX_RANK}")
     shape = [_int(d, f"input {INPUT!r} shape dimension", 0) for d in shape]
+    # Each dimension at most the image limit before any product: [10**4000] * 1200 would hold the GIL for
+    # seconds in math.prod (and a wider shape cannot match an allowed image count anyway).
+    if any(d > max_images for d in shape):
+        raise InvalidRequest(f"input {INPUT!r} has a shape dimension over {max_images} (batch.queue_size)")
     params = _dict(tensor.get("parameters", {}), f"input {INPUT!r} parameters")
     if any(key.startswith("shared_memory") for key in params):
         raise InvalidRequest("shared memory is not supported: send the data in the request")

@@ -209,3 +209,20 @@ def test_a_plain_client_sending_a_body_over_the_limit_reads_the_413(project: Pro
     assert raised.value.code == 413
     assert "exceeds max_body_bytes (5000)" in json.loads(raised.value.read())["error"]
     assert daemon.get("/healthz").status_code == 200
+
+
+def test_a_v2_shape_of_huge_numbers_is_refused_before_any_arithmetic():
+    """[10**4000] * 1200 is a 4.8 MB body that held the GIL for about 37 s in math.prod."""
+    from reloader.errors import InvalidRequest
+    from reloader.v2 import parse_infer
+
+    huge = "1" + "0" * 4000
+    body = '{"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [%s], "data": []}]}'
+    with pytest.raises(InvalidRequest, match="1200 dimensions; at most 8"):
+        parse_infer((body % ",".join([huge] * 1200)).encode(), None, 64)
+    with pytest.raises(InvalidRequest, match="has a shape dimension over 64") as raised:
+        parse_infer((body % ",".join([huge] * 8)).encode(), None, 64)
+    assert len(str(raised.value)) < 200
+    with pytest.raises(InvalidRequest, match=r"must be an integer >= 0, got -1000.*\.\.\.") as raised:
+        parse_infer((body % f"-{huge}").encode(), None, 64)
+    assert len(str(raised.value)) < 200
