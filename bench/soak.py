@@ -1,6 +1,6 @@
 """`make soak`: one daemon under steady c=8 load for SOAK_S seconds (default 1800) while its files churn.
 
-Every ~3.6 s (500 swaps in 30 min) something lands in the checkpoints folder: a valid checkpoint, or one of
+Every 2.5 s (720 steps in 30 min, about 540 of them checkpoints landing) something lands in the checkpoints folder: a valid checkpoint, or one of
 each bad kind the hostile-input issue names (truncated, garbage, NaN weights, wrong shapes, wrong answers,
 a pickle that would run code, a symlink to /dev/zero, a name that is not UTF-8, a name with a newline, a
 file over max_checkpoint_bytes, a writer that pauses mid-file); now and then the live file is deleted,
@@ -40,7 +40,7 @@ from .servers import status_kib
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 CONCURRENCY = 8
-EVERY_S = 3.6  # 500 swaps in 30 minutes
+EVERY_S = 2.5  # 720 steps in 30 minutes: about 540 checkpoints land (good and bad), the rest are other churn
 SETTLE_S = 20.0
 MAX_BYTES = 200_000_000
 BAD_KINDS = (
