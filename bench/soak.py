@@ -1,12 +1,13 @@
 """`make soak`: one daemon under steady c=8 load for SOAK_S seconds (default 1800) while its files churn.
 
-Every 2.5 s (720 steps in 30 min, about 540 of them checkpoints landing) something lands in the checkpoints folder: a valid checkpoint, or one of
-each bad kind the hostile-input issue names (truncated, garbage, NaN weights, wrong shapes, wrong answers,
-a pickle that would run code, a symlink to /dev/zero, a name that is not UTF-8, a name with a newline, a
-file over max_checkpoint_bytes, a writer that pauses mid-file); now and then the live file is deleted,
-the config is edited (well, then badly, then well again), or a storm of SIGHUPs arrives. The daemon's
-answers carry X-Model-Sha256: none may come from a bad file. RSS, threads and open files are read from
-/proc at the start (after a warm-up) and after the churn stops.
+Every 2.5 s (720 steps in 30 min, about 540 of them checkpoints landing) something lands in the
+checkpoints folder: a valid checkpoint, or one of each bad kind the hostile-input issue names
+(truncated, garbage, NaN weights, wrong shapes, wrong answers, a pickle that would run code, a symlink
+to /dev/zero, a name that is not UTF-8, a name with a newline, a file over max_checkpoint_bytes, a
+writer that pauses mid-file); now and then the live file is deleted, the config is edited (well, then
+badly, then well again), or a storm of SIGHUPs arrives. The daemon's answers carry X-Model-Sha256:
+none may come from a bad file. RSS, threads and open files are read from /proc a tenth of the way in
+(the baseline) and after the churn stops.
 
     SOAK_S=300 python -m bench.soak     # a shorter run; the results go to bench/SOAK.md
 """
