@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from .errors import (
     ModelNotFound,
     ModelNotReady,
     PayloadTooLarge,
+    RequestTimedOut,
     Unhealthy,
 )
 from .registry import LiveModel
@@ -126,16 +128,26 @@ class Service:
         batcher = self.batcher
         batcher.admit(live, len(images))
         batcher.decoding(live.name, len(images))
+        # One deadline for the whole request: decoding counts, and what it leaves is the queue's wait.
+        timeout = self.supervisor.config.server.request_timeout_s
+        deadline = time.monotonic() + timeout
         try:
             decode = live.preprocessor.load
-            tensors = await asyncio.gather(
-                *(anyio.to_thread.run_sync(decode, data, limiter=self.decode_limiter) for data in images)
-            )
+            with anyio.fail_after(timeout):
+                tensors = await asyncio.gather(
+                    *(
+                        # Abandoned at the deadline: the answer goes out; the thread finishes and is dropped.
+                        anyio.to_thread.run_sync(decode, data, limiter=self.decode_limiter, abandon_on_cancel=True)
+                        for data in images
+                    )
+                )
+        except TimeoutError:
+            raise RequestTimedOut(f"timed out after {timeout} s decoding the images for {live.name!r}") from None
         finally:
             batcher.decoding(live.name, -len(images))
-        timeout = self.supervisor.config.server.request_timeout_s
         follow = follow and len(tensors) == 1
-        rows = await asyncio.gather(*(batcher.submit(live, t, timeout, follow=follow) for t in tensors))
+        left = max(0.001, deadline - time.monotonic())
+        rows = await asyncio.gather(*(batcher.submit(live, t, left, follow=follow) for t in tensors))
         return torch.stack([row for row, _ in rows]), rows[0][1]
 
 

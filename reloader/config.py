@@ -37,7 +37,7 @@ class ServerConfig(_Frozen):
     port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=20_000_000, gt=0, le=1_000_000_000)
     default_model: str | None = None
-    request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    request_timeout_s: float = Field(default=30.0, gt=0, le=3600)  # decoding plus the wait for a forward pass
     # On SIGTERM, requests in flight get this long to finish before the process exits anyway.
     shutdown_timeout_s: float = Field(default=30.0, ge=0, le=3600)
     access_log: bool = True

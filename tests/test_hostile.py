@@ -226,3 +226,21 @@ def test_a_v2_shape_of_huge_numbers_is_refused_before_any_arithmetic():
     with pytest.raises(InvalidRequest, match=r"must be an integer >= 0, got -1000.*\.\.\.") as raised:
         parse_infer((body % f"-{huge}").encode(), None, 64)
     assert len(str(raised.value)) < 200
+
+
+def test_decoding_counts_toward_request_timeout_s(project: Project, start_daemon):
+    """A 36-megapixel PNG takes far longer than 50 ms to decode: the request ends at its deadline with a 503."""
+    import io
+
+    project.save("colours-v1.pt")
+    project.write_config(colours_yaml(server="  request_timeout_s: 0.05\n  max_body_bytes: 200000000\n"))
+    daemon = start_daemon(project.config)
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (200, 30, 30)).save(buf, format="PNG")
+
+    slow = daemon.client.post("/models/colours/predict", content=buf.getvalue(), headers={"content-type": "image/png"})
+
+    assert slow.status_code == 503, slow.text
+    assert slow.json()["error"] == "timed out after 0.05 s decoding the images for 'colours'"
+    assert slow.headers["retry-after"] == "1"
+    assert daemon.get("/healthz").status_code == 200
