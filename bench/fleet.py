@@ -26,7 +26,7 @@ import aiohttp
 import torch
 import yaml
 
-from examples.fleet import BUCKET, FAIL_TIMEOUT_S, Fleet, FleetSpec, free_port, nginx_binary
+from examples.fleet import BUCKET, FAIL_TIMEOUT_S, MAX_FAILS, Fleet, FleetSpec, free_port, nginx_binary
 
 from .client import LoadGenerator, LoadResult, Sample
 from .workload import sha256
@@ -416,7 +416,8 @@ def report_lines(d: dict[str, Any]) -> list[str]:
     lines = [
         f"examples/fleet.py's fleet (what `make fleet` starts): moto {v['moto']}'s S3 server on loopback, "
         f"{d['replicas']} replicas of `reloader serve` (each with its own cache dir and OMP_NUM_THREADS="
-        f"{d['threads']}), nginx {v['nginx']} in front (upstream with max_fails=1 fail_timeout={FAIL_TIMEOUT_S}s, "
+        f"{d['threads']}), nginx {v['nginx']} in front (upstream with max_fails={MAX_FAILS} "
+        f"fail_timeout={FAIL_TIMEOUT_S}s, "
         "keepalive; `proxy_next_upstream error timeout http_502 http_503 non_idempotent`, tries = replicas). "
         f"Model: config/models.yaml's shapes (resnet18, 4 classes, 64 px) with precision forced to fp32 (auto "
         f"would time bf16 forms in each replica at start), poll_interval {d['poll_interval']:g} s; initial "
