@@ -44,9 +44,9 @@ READY_DEADLINE_S = 300.0
 STOP_DEADLINE_S = 45.0
 # nginx's passive health check: one failed attempt takes a replica out of rotation for this long.
 FAIL_TIMEOUT_S = 2
-# Failed attempts before nginx takes a replica out for FAIL_TIMEOUT_S. One was too few: under load a
-# single stale keep-alive connection could mark a healthy replica down, and with one replica restarting
-# and another so marked, nginx had no live upstream left and answered 502 (146 of 3167 in one CI run).
+# Failed attempts before nginx takes a replica out for FAIL_TIMEOUT_S (a refused request is passed to the
+# next replica either way). A rolling restart must wait, after a replica is ready, until nginx has sent it
+# a request again: restarting the next one earlier can leave no replica in rotation (502, "no live upstreams").
 MAX_FAILS = 3
 
 

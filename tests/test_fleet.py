@@ -124,12 +124,25 @@ def test_a_fleet_converges_on_an_upload_and_a_rolling_restart_fails_no_request(p
 
         # A rolling restart under a steady client: each replica SIGTERMed (it drains and exits 0), started
         # again and ready before the next. nginx passes what a replica refuses to another one.
+        # nginx's health checks are passive: a replica it took out comes back once a request reaches it after
+        # fail_timeout. So, as an operator must, restart the next one only after nginx sent this one an answer.
+        access = fleet.nginx.access_log
+
+        def routed_since(port: int, since: float) -> bool:
+            """nginx logged a 200 from the replica on `port` that ended after `since` (its new process)."""
+            return any(
+                f"upstream=127.0.0.1:{port} upstream_status=200" in line and float(line.rsplit("msec=", 1)[1]) > since
+                for line in access.read_text().splitlines()
+            )
+
         with SteadyClient(fleet.url) as client:
             for replica in fleet.replicas:
                 before = len(client.answers)
-                replica.restart()
+                replica.restart()  # returns once the old process exited and the new one is ready
+                ready = time.time()
                 assert live_sha(replica.url) == sha256(v2), "a restarted replica serves the bucket's newest"
                 wait_until(lambda b=before: len(client.answers) > b + 10, what="answers during the restart")
+                wait_until(lambda r=replica, t=ready: routed_since(r.port, t), what="nginx to route to it again")
         assert client.failures == [], f"{len(client.failures)} of {len(client.answers)} failed: {client.failures[:5]}"
         assert len(client.answers) > 30
         assert {sha for _, sha in client.answers} == {sha256(v2)}
