@@ -20,8 +20,8 @@ from .events import CheckpointJudged, EventBus, Outcome
 from .memory import release
 from .policy import Serving, same_definition
 from .registry import LiveModel, Registry
+from .source import Clock
 
-Clock = Callable[[], float]
 Arrival = Callable[[], float | None]  # when the source first saw the file (and forget it), for since_detected
 
 

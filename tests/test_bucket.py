@@ -126,11 +126,7 @@ def test_an_unchanged_object_is_downloaded_once_and_the_cache_stays_bounded(proj
     # Bounded: the live file (v1 here, the oldest) stays, plus the newest others up to cache_keep.
     live = listing.candidates[-1].path
     source.keep(live)
-    assert cached_names(tmp_path) == ["colours-v1.pt", "colours-v4.pt"]
-
-
-def cached_names(tmp_path: Path) -> list[str]:
-    return sorted(p.name for p in (tmp_path / "cache" / "colours").iterdir() if not p.name.startswith("."))
+    assert cached(project) == ["colours-v1.pt", "colours-v4.pt"]
 
 
 def test_1500_keys_are_listed_across_pages_and_an_unfinished_multipart_upload_is_never_seen(
