@@ -15,7 +15,7 @@ from typing import BinaryIO
 import torch
 
 from .errors import CheckpointIncomplete, CheckpointRejected, UnsafeEnvironment
-from .files import open_regular
+from .files import open_for_writing, open_regular
 from .signing import SIG_SUFFIX, sig_identity
 
 SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -209,6 +209,9 @@ def open_checkpoint(path: Path, max_bytes: int | None = None) -> OpenCheckpoint:
     except OSError as exc:
         raise CheckpointRejected("load", f"cannot read file: {exc.strerror}") from exc
     try:
+        if open_for_writing(fh):
+            # However long the writer pauses, a file it still holds open is not finished: judge it at its close.
+            raise CheckpointIncomplete("load", "file is still open for writing by another process")
         before = os.fstat(fh.fileno())
         if max_bytes is not None and before.st_size > max_bytes:
             raise CheckpointRejected("load", too_large(before.st_size, max_bytes))

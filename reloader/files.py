@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from pathlib import Path
@@ -27,6 +28,23 @@ def open_regular(path: Path, *, follow_links: bool) -> BinaryIO:
         os.close(fd)
         raise OSError(errno.EINVAL, f"not a regular file (mode {stat.filemode(mode)})", str(path))
     return os.fdopen(fd, "rb")
+
+
+def open_for_writing(fh: BinaryIO) -> bool | None:
+    """Whether some process (this one included) has the file open for writing; None where no one can tell.
+
+    Linux grants a read lease only while no descriptor anywhere has the file open for writing, and says
+    EAGAIN otherwise (fcntl(2), F_SETLEASE), so taking one and letting it go at once answers the question
+    without reading /proc. It is not granted (EACCES) on a file owned by another user without
+    CAP_LEASE, nor (EINVAL) on filesystems without leases (NFS, FUSE): None there, and the caller falls
+    back on its own signs of a writer."""
+    fd = fh.fileno()
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return True if exc.errno == errno.EAGAIN else None
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
 
 
 # Control characters (a newline in a file name would forge a log line) shown as \xNN.

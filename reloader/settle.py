@@ -4,7 +4,9 @@
 - A file written in place is finished at its close-after-write (inotify), or, when polling (no close
   events), once it has been unchanged for `settle_ms`.
 - A file written to but never closed (a hard link, mmap writes) is taken as finished after
-  QUIET_WITHOUT_CLOSE_S without events.
+  QUIET_WITHOUT_CLOSE_S without events. If it then fails to load while no close has been seen for its
+  writes, it was a writer pausing with the file open: incomplete, and looked at again at its close.
+  (Where the kernel grants leases, the load itself also refuses a file open for writing: files.py.)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Settling:
         self.watch = watch
         self._due: dict[Path, float] = {}  # path -> when it is settled enough to load
         self._writing: set[Path] = set()  # written to, no close seen yet (inotify only)
+        self._unclosed: set[Path] = set()  # the same, but kept past the quiet period: only a close ends it
 
     @property
     def settle_s(self) -> float:
@@ -50,6 +53,8 @@ class Settling:
 
     def event(self, path: Path, kind: FileEvent, now: float) -> bool:
         """Record a watcher event; True when it calls for a pass right away."""
+        if kind in (FileEvent.MOVED, FileEvent.CLOSED, FileEvent.DELETED):
+            self._unclosed.discard(path)
         if kind in (FileEvent.MOVED, FileEvent.CLOSED):
             self._writing.discard(path)
             self._due[path] = now
@@ -61,6 +66,7 @@ class Settling:
                 self._due[path] = now + self.settle_s
             else:
                 self._writing.add(path)
+                self._unclosed.add(path)
                 self._due[path] = now + max(QUIET_WITHOUT_CLOSE_S, self.settle_s)
         elif kind is FileEvent.DELETED:
             self._writing.discard(path)
@@ -70,7 +76,9 @@ class Settling:
         return kind in IMMEDIATE
 
     def retry(self, path: Path, now: float) -> None:
-        """Look at a file again later: it failed while still changing."""
+        """Look at a file again later: it failed while still changing (at its close, if one is to come)."""
+        if path in self._unclosed:
+            return  # its close is an event, and brings it back: re-reading it meanwhile only costs
         self._due[path] = now + max(self.settle_s, MIN_RETRY_S)
 
     def due_now(self, now: float) -> bool:
@@ -89,7 +97,8 @@ class Settling:
         file just judged still being written?) must leave a deadline that passed meanwhile for `next_due`,
         or a file that settled during the pass would wait for an event that may never come."""
         if not forget:
-            return {p for p, due in self._due.items() if due > now}  # every path written to has a deadline
+            # Every path written to has a deadline; one written to and never closed is still arriving.
+            return {p for p, due in self._due.items() if due > now} | self._unclosed
         for path, due in list(self._due.items()):
             if due <= now:
                 del self._due[path]

@@ -34,6 +34,22 @@ def test_an_in_place_write_waits_for_its_close_however_long_the_pauses():
     assert settling.unsettled(3.1) == set()
 
 
+def test_a_file_written_and_never_closed_is_tried_after_the_quiet_period_but_a_failure_waits_for_its_close():
+    settling = Settling(WatchConfig(settle_ms=200))
+    settling.event(FILE, FileEvent.WRITTEN, now=0.0)
+
+    # Past the quiet period the listing lets it be judged (mmap writers never close) ...
+    assert settling.unsettled(QUIET_WITHOUT_CLOSE_S + 1) == set()
+    # ... but if it fails, it is still arriving (a writer paused with it open), and no timer re-reads it.
+    assert FILE in settling.unsettled(QUIET_WITHOUT_CLOSE_S + 1, forget=False)
+    settling.retry(FILE, now=QUIET_WITHOUT_CLOSE_S + 1)
+    assert settling.next_due() is None
+
+    assert settling.event(FILE, FileEvent.CLOSED, now=10.0) is True
+    assert settling.unsettled(10.0, forget=False) == set()
+    assert settling.due_now(10.0)
+
+
 def test_a_created_file_with_no_writes_is_a_rename_and_settles_after_a_short_grace():
     settling = Settling(WatchConfig())
 

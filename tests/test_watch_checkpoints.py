@@ -121,6 +121,49 @@ def test_a_slow_chunked_writer_is_never_loaded_half_written(running):
     assert validations(daemon, target) == 1
 
 
+PAUSING_WRITER = """
+import sys
+data = open(sys.argv[1], "rb").read()
+with open(sys.argv[2], "wb") as out:
+    out.write(data[: len(data) // 2])
+    out.flush()
+    print("half", flush=True)
+    sys.stdin.readline()  # paused, the file still open, until the test says go on
+    out.write(data[len(data) // 2 :])
+"""
+
+
+def test_a_writer_pausing_with_the_file_open_is_never_judged_before_its_close(running):
+    project, daemon = running
+    staged = project.stage("v2.pt", good(2))
+    target = project.checkpoints / "colours-v2.pt"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", PAUSING_WRITER, str(staged), str(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdin is not None and writer.stdout is not None
+    assert writer.stdout.readline() == "half\n"
+    # The pause outlasts the quiet period after which a file without a close counts as finished: the
+    # daemon looks at it, finds it still open for writing, and leaves it unjudged.
+    wait_until(
+        lambda: any(e["event"] == "incomplete" and e["file"] == str(target) for e in daemon.status()["events"]),
+        what="the daemon to look at the paused file",
+    )
+    assert "open for writing" in daemon.file_status(target)["reason"]
+    assert validations(daemon, target) == 0
+    assert daemon.predict().json()["version"] == 1
+
+    writer.stdin.write("go on\n")
+    writer.stdin.close()
+    assert writer.wait() == 0
+
+    daemon.wait_live(target)
+    assert validations(daemon, target) == 1
+    assert 'reloader_rejections_total{model="colours"' not in daemon.get("/metrics").text
+
+
 def test_overwriting_the_live_file_with_new_content_validates_and_swaps(running):
     project, daemon = running
     live = project.checkpoints / "colours-v1.pt"
