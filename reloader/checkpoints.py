@@ -16,6 +16,7 @@ import torch
 
 from .errors import CheckpointIncomplete, CheckpointRejected, UnsafeEnvironment
 from .files import open_for_writing, open_regular
+from .formats import read_safetensors, zip_bounds
 from .signing import SIG_SUFFIX, sig_identity
 
 SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -133,15 +134,10 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {strip(k): v for k, v in state_dict.items()}
 
 
-def _deserialize(fh: BinaryIO, suffix: str) -> object:
+def _deserialize(fh: BinaryIO, suffix: str, size: int, max_bytes: int | None) -> object:
     if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load as load_safetensors
-
-        try:
-            return load_safetensors(fh.read())
-        except (SafetensorError, ValueError) as exc:
-            raise CheckpointRejected("load", f"not a valid safetensors file: {exc}") from exc
+        return read_safetensors(fh, size)
+    zip_bounds(fh, size, max_bytes)
     try:
         # weights_only refuses any pickle that would build objects other than tensors and containers.
         return torch.load(fh, weights_only=True, map_location="cpu")
@@ -240,7 +236,7 @@ def load_checkpoint(path: Path, max_bytes: int | None = None, opened: OpenCheckp
         try:
             fh.seek(0)
             try:
-                obj = _deserialize(fh, path.suffix)
+                obj = _deserialize(fh, path.suffix, before.st_size, max_bytes)
             except CheckpointRejected as exc:
                 if _changed(before, os.fstat(fh.fileno())) or _still_changing(path, before):
                     raise CheckpointIncomplete("load", f"file is still being written ({exc.reason})") from exc
