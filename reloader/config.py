@@ -38,6 +38,10 @@ class ServerConfig(_Frozen):
     max_body_bytes: int = Field(default=20_000_000, gt=0, le=1_000_000_000)
     default_model: str | None = None
     request_timeout_s: float = Field(default=30.0, gt=0, le=3600)  # decoding plus the wait for a forward pass
+    # A request must arrive whole (head and body) this long after its first byte, or it is answered 408.
+    read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # Connections past this many are answered 503 with Retry-After and closed.
+    max_connections: int = Field(default=1000, ge=1, le=1_000_000)
     # On SIGTERM, requests in flight get this long to finish before the process exits anyway.
     shutdown_timeout_s: float = Field(default=30.0, ge=0, le=3600)
     access_log: bool = True

@@ -20,6 +20,7 @@ from .batching import Batcher
 from .canary import Canaries
 from .checkpoints import check_environment
 from .config import Config
+from .connections import bounded_protocol
 from .events import CheckpointJudged, ConfigRejected, Event, EventBus, Outcome
 from .logs import log_event
 from .metrics import Metrics, RequestMetrics
@@ -131,6 +132,8 @@ class Daemon:
                 access_log=server.access_log if access_log is None else access_log,
                 log_config=None,
                 lifespan="off",
+                # httptools, with a read deadline, a cap on connections and JSON errors (connections.py).
+                http=bounded_protocol(lambda: self.supervisor.config.server),
                 # uvicorn annotates an int but hands it to asyncio.wait_for, which takes seconds as a float.
                 timeout_graceful_shutdown=server.shutdown_timeout_s,  # type: ignore[arg-type]
             ),

@@ -144,3 +144,22 @@ def test_uvicorn_re_raises_a_caught_signal_only_from_the_capture_signals_server_
         assert "raise_signal" not in inspect.getsource(function), changed(
             caller, "it now re-raises the signal that stopped the server itself (exit 143 on SIGTERM, not 0)"
         )
+
+
+def test_the_protocol_hooks_connections_py_overrides_still_exist():
+    """reloader/connections.py subclasses uvicorn's httptools protocol; these are what it overrides or reads."""
+    from uvicorn.protocols.http import httptools_impl
+
+    protocol = httptools_impl.HttpToolsProtocol
+    hooks = (
+        "connection_made", "connection_lost", "data_received", "on_message_begin", "on_url", "on_header",
+        "on_headers_complete", "on_message_complete", "on_response_complete", "send_400_response",
+    )  # fmt: skip
+    missing = [hook for hook in hooks if not callable(getattr(protocol, hook, None))]
+    assert not missing, changed("HttpToolsProtocol", f"no {missing}").replace("server.py's _Server", "connections.py")
+    assert isinstance(httptools_impl.STATUS_LINE[408], bytes)
+    # A connection over the cap gets another app by swapping `self.app` around on_headers_complete.
+    source = inspect.getsource(protocol.on_headers_complete)
+    assert "app = self.app" in source, "on_headers_complete no longer starts the app it finds in self.app"
+    for name in ("cycle", "connections", "server_state", "loop", "transport"):
+        assert f"self.{name}" in inspect.getsource(protocol), name
