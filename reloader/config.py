@@ -40,6 +40,8 @@ class ServerConfig(_Frozen):
     request_timeout_s: float = Field(default=30.0, gt=0, le=3600)  # decoding plus the wait for a forward pass
     # A request must arrive whole (head and body) this long after its first byte, or it is answered 408.
     read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # A reload pass running longer than this (a read from a hung mount, say) makes /healthz answer 503.
+    stuck_reload_s: float = Field(default=900.0, gt=0, le=86400)
     # Connections past this many are answered 503 with Retry-After and closed.
     max_connections: int = Field(default=1000, ge=1, le=1_000_000)
     # On SIGTERM, requests in flight get this long to finish before the process exits anyway.

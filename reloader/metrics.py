@@ -21,7 +21,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .batching import Batcher
 from .events import CheckpointJudged, ConfigApplied, ConfigRejected, Event, Outcome, ReloadFailed, SourceStatus
 from .supervisor import Supervisor
-from .threads import Parts
 from .watcher import Watcher
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -95,9 +94,9 @@ class Metrics:
 
     # -- wiring -----------------------------------------------------------------------------------------
 
-    def observe(self, supervisor: Supervisor, batcher: Batcher, parts: Parts) -> None:
+    def observe(self, supervisor: Supervisor, batcher: Batcher, unhealthy: Callable[[], list[str]]) -> None:
         """Also report, at each scrape: live versions, queue depths, liveness and the config's age."""
-        self.registry.register(_State(supervisor, batcher, parts))
+        self.registry.register(_State(supervisor, batcher, unhealthy))
 
     def route(self) -> Route:
         async def metrics(request: Request) -> Response:
@@ -117,10 +116,10 @@ def failed_check(event: CheckpointJudged) -> str:
 
 
 class _State(Collector):
-    def __init__(self, supervisor: Supervisor, batcher: Batcher, parts: Parts) -> None:
+    def __init__(self, supervisor: Supervisor, batcher: Batcher, unhealthy: Callable[[], list[str]]) -> None:
         self.supervisor = supervisor
         self.batcher = batcher
-        self.parts = parts
+        self.unhealthy = unhealthy
 
     def collect(self) -> Iterable[Metric]:
         supervisor = self.supervisor
@@ -152,10 +151,9 @@ class _State(Collector):
                 compared.add_metric(series, canary.compared)
                 agreement.add_metric(series, canary.agreement or 0.0)
         yield from (info, version, ready, depth, compared, agreement)
-        dead = self.parts.dead()
-        yield GaugeMetricFamily(
-            "reloader_up", "1 while the file watcher and reload workers run (as /healthz)", value=0 if dead else 1
-        )
+        dead = self.unhealthy()
+        up = "1 while the watcher and reload workers run, none stuck (as /healthz)"
+        yield GaugeMetricFamily("reloader_up", up, value=0 if dead else 1)
         yield GaugeMetricFamily(
             "reloader_watcher_alive", "1 while the file watcher runs", value=int(Watcher.PART not in dead)
         )

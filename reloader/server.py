@@ -119,8 +119,8 @@ class Daemon:
         self.watcher = Watcher(self.supervisor, self.bus)
         # In start order; stopped in reverse, and /healthz names the ones whose threads ended.
         self.parts = Parts([(Supervisor.PART, self.supervisor), (Watcher.PART, self.watcher)])
-        self.metrics.observe(self.supervisor, self.batcher, self.parts)
-        self.service = Service(self.supervisor, self.batcher, self.parts.dead)
+        self.metrics.observe(self.supervisor, self.batcher, self.dead_parts)
+        self.service = Service(self.supervisor, self.batcher, self.dead_parts)
         self.app = build_app(self.service, [*v2_routes(self.service), self.metrics.route(), openapi.route()])
         self.app.add_middleware(RequestMetrics, metrics=self.metrics, models=lambda: self.supervisor.config.models)
         server = config.server
@@ -141,7 +141,8 @@ class Daemon:
         )
 
     def dead_parts(self) -> list[str]:
-        return self.parts.dead()
+        """What /healthz, the watchdog pings and reloader_up go by: parts whose threads ended or are stuck."""
+        return self.parts.dead() + self.supervisor.stuck()
 
     def summary(self) -> str:
         live = self.registry.snapshot()

@@ -79,6 +79,13 @@ class Supervisor(LoopThread):
     def is_alive(self) -> bool:
         return super().is_alive() and all(w.is_alive() for w in self.workers())
 
+    def stuck(self) -> list[str]:
+        """Reload threads whose work in progress has run past server.stuck_reload_s (what /healthz names)."""
+        bound = self.config.server.stuck_reload_s
+        busy = [(f"model {w.name!r}'s reload", w.busy_for()) for w in self.workers()]
+        busy.append(("the config reload", self.busy_for()))
+        return [f"{what} has run for {s:.0f} s (server.stuck_reload_s: {bound:g})" for what, s in busy if s > bound]
+
     # -- events --------------------------------------------------------------------------------
 
     def file_event(self, path: Path, kind: FileEvent) -> None:

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
 logger = logging.getLogger("reloader.threads")
+# stop() waits this long for a tick in progress; a thread stuck past it (a read from a hung mount) is left
+# behind, a daemon thread, so SIGTERM still ends the process.
+STOP_WAIT_S = 5.0
 
 
 class LoopThread:
@@ -23,6 +27,7 @@ class LoopThread:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._busy_since: float | None = None  # monotonic start of the tick in progress
 
     def start(self) -> None:
         self._wake.set()
@@ -35,10 +40,22 @@ class LoopThread:
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(STOP_WAIT_S)
+            if self._thread.is_alive():
+                logger.warning(
+                    "%s did not stop within %.0f s (its work has run for %.0f s); leaving it behind",
+                    self._thread.name,
+                    STOP_WAIT_S,
+                    self.busy_for(),
+                )
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    def busy_for(self) -> float:
+        """How long the tick in progress has run (0 while the thread waits)."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def setup(self) -> None:
         """Runs first, on the thread itself."""
@@ -55,7 +72,11 @@ class LoopThread:
                 return
             # Cleared before the work, so a wake that arrives during it brings another tick.
             self._wake.clear()
-            wait = self.tick()
+            self._busy_since = time.monotonic()
+            try:
+                wait = self.tick()
+            finally:
+                self._busy_since = None
 
 
 class Part(Protocol):

@@ -244,3 +244,46 @@ def test_decoding_counts_toward_request_timeout_s(project: Project, start_daemon
     assert slow.json()["error"] == "timed out after 0.05 s decoding the images for 'colours'"
     assert slow.headers["retry-after"] == "1"
     assert daemon.get("/healthz").status_code == 200
+
+
+# -- reloads -----------------------------------------------------------------------------------------
+
+
+def _release(fifo) -> bool:
+    """Open the FIFO's writing end, which ends the stalled read; False while no one is reading it."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        return False
+    return True
+
+
+def test_a_reload_stuck_past_its_bound_fails_healthz_and_sigterm_still_ends_the_process(
+    project: Project, start_daemon, tmp_path
+):
+    from tinynet import STALL, colour_state_dict
+
+    fifo = tmp_path / "stall.fifo"
+    os.mkfifo(fifo)
+    project.save("colours-v1.pt")
+    text = colours_yaml(server="  stuck_reload_s: 1\n").replace("tinynet:colour_net", "tinynet:stalling_net")
+    project.config.write_text(text)
+    daemon = start_daemon(project.config, env={"TINYNET_STALL_FIFO": str(fifo)})
+    stalling = colour_state_dict()
+    stalling["fc.bias"][0] = STALL
+
+    stuck = project.save("colours-v2.pt", stalling)  # its load hangs
+    wait_until(lambda: daemon.get("/healthz").status_code == 503, what="/healthz to notice the stuck reload")
+    error = daemon.get("/healthz").json()["error"]
+    assert "model 'colours''s reload has run for" in error and "(server.stuck_reload_s: 1)" in error
+    assert "\nreloader_up 0.0\n" in daemon.get("/metrics").text
+    assert daemon.predict("green").json()["version"] == 1  # the live version serves on
+
+    wait_until(lambda: _release(fifo), what="the stalled warm-up to read the FIFO")
+    daemon.wait_live(stuck)  # once its load goes on, it is an ordinary valid checkpoint
+    wait_until(lambda: daemon.get("/healthz").status_code == 200, what="/healthz to recover")
+
+    project.save("colours-v3.pt", {**stalling, "fc.weight": stalling["fc.weight"] * 2})
+    wait_until(lambda: daemon.get("/healthz").status_code == 503, what="the next stuck reload")
+    assert daemon.stop() == 0  # a thread stuck in a read does not hold the process
+    assert "did not stop within 5 s" in daemon.log()

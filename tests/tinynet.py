@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -35,3 +37,23 @@ def colour_state_dict(num_classes: int = 3, *, scale: float = 4.0, permute: tupl
         model.fc.weight.copy_(weight)
         model.fc.bias.zero_()
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+STALL = 7.0  # a checkpoint whose fc.bias[0] is this hangs StallingNet's forward pass
+
+
+class StallingNet(ColourNet):
+    """ColourNet, whose loading hangs, as a read from a hung network mount would, when the checkpoint's
+    fc.bias[0] is STALL: it opens the FIFO named by $TINYNET_STALL_FIFO, which blocks until a test opens the
+    other end."""
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        bias = state_dict.get(f"{prefix}fc.bias")
+        if bias is not None and float(bias[0]) == STALL:
+            with open(os.environ["TINYNET_STALL_FIFO"], "rb") as fifo:
+                fifo.read()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def stalling_net(num_classes: int = 3) -> nn.Module:
+    return StallingNet(num_classes)
