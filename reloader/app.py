@@ -29,6 +29,7 @@ from .errors import (
     RequestTimedOut,
     Unhealthy,
 )
+from .images import pixels
 from .registry import LiveModel
 from .statuspage import status_page
 from .supervisor import Supervisor
@@ -134,6 +135,9 @@ class Service:
         try:
             decode = live.preprocessor.load
             with anyio.fail_after(timeout):
+                if len(images) > 1:  # one image is held to the lower of both limits as it is decoded
+                    limit = live.config.preprocess.max_request_pixels
+                    await anyio.to_thread.run_sync(pixels, images, limit, abandon_on_cancel=True)
                 tensors = await asyncio.gather(
                     *(
                         # Abandoned at the deadline: the answer goes out; the thread finishes and is dropped.

@@ -64,6 +64,8 @@ class Preprocess(_Frozen):
     crop: int = Field(default=224, gt=0, le=4096)
     # Images with more pixels are refused before they are decoded (Pillow's own limit is 89,478,485).
     max_pixels: int = Field(default=40_000_000, gt=0, le=89_478_485)
+    # All the images of one request together (a v2 batch): over this, 413 before any is decoded.
+    max_request_pixels: int = Field(default=100_000_000, gt=0, le=10_000_000_000)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (
         IMAGENET_STD

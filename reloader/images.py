@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import Preprocess
-from .errors import InvalidImage
+from .errors import InvalidImage, PayloadTooLarge
 
 # Beyond this ratio of long to short side, only the part the crop keeps is resampled (see Preprocessor).
 MAX_ASPECT = 4
@@ -35,23 +35,44 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def pixels(images: list[bytes], limit: int) -> None:
+    """Refuse a request whose images hold more than `limit` pixels together, from their headers alone.
+
+    A header Pillow cannot read counts as nothing here: decoding the image says what is wrong with it."""
+    total = 0
+    for data in images:
+        try:
+            width, height = Image.open(io.BytesIO(data)).size
+        except (OSError, SyntaxError, ValueError, TypeError, EOFError, Image.DecompressionBombError):
+            continue
+        total += width * height
+    if total > limit:
+        raise PayloadTooLarge(
+            f"the request's {len(images)} image(s) hold {total} pixels together, over the limit of {limit} "
+            "(preprocess.max_request_pixels)"
+        )
+
+
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode any mode Pillow reads, apply EXIF orientation, return RGB; InvalidImage otherwise."""
     if not data:
         raise InvalidImage("empty body: send the image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            # The lower of the configured limit and Pillow's own; either may be unset (None).
-            limit = min((n for n in (max_pixels, Image.MAX_IMAGE_PIXELS) if n), default=None)
-            if limit is not None and width * height > limit:
-                raise InvalidImage(
-                    f"decompression bomb refused: {width}x{height} pixels exceeds the limit of {limit} pixels "
-                    "(preprocess.max_pixels)"
-                )
-            img.load()
-            oriented = ImageOps.exif_transpose(img)
-            return _to_rgb(oriented)
+        # Not closed by a `with`: closing would free the pixels this returns (a BytesIO holds no descriptor).
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        # The lower of the configured limit and Pillow's own; either may be unset (None).
+        limit = min((n for n in (max_pixels, Image.MAX_IMAGE_PIXELS) if n), default=None)
+        if limit is not None and width * height > limit:
+            raise InvalidImage(
+                f"decompression bomb refused: {width}x{height} pixels exceeds the limit of {limit} pixels "
+                "(preprocess.max_pixels)"
+            )
+        img.load()
+        # In place: exif_transpose otherwise returns a copy even when there is nothing to turn, and every
+        # decode would hold the image twice.
+        ImageOps.exif_transpose(img, in_place=True)
+        return _to_rgb(img)
     except InvalidImage:
         raise
     except UnidentifiedImageError as exc:
@@ -103,4 +124,4 @@ class Preprocessor:
         return self(Image.fromarray(rgb.transpose(1, 2, 0).astype(np.uint8), mode="RGB"))
 
     def load(self, data: bytes) -> torch.Tensor:
-        return self(decode_image(data, self.spec.max_pixels))
+        return self(decode_image(data, min(self.spec.max_pixels, self.spec.max_request_pixels)))

@@ -90,6 +90,35 @@ def test_an_image_over_max_pixels_is_refused_before_it_is_decoded():
     assert decode_image(buf.getvalue(), max_pixels=2_000_000).size == (2000, 1000)
 
 
+def test_a_v2_request_whose_images_together_exceed_max_request_pixels_is_refused_before_decoding(
+    project: Project, start_daemon
+):
+    import base64
+
+    project.save("colours-v1.pt")
+    text = colours_yaml().replace("{resize: 32, crop: 32}", "{resize: 32, crop: 32, max_request_pixels: 5000000}")
+    project.config.write_text(text)
+    daemon = start_daemon(project.config)
+
+    def infer(count: int):
+        big = png_bytes("green", size=2000)  # 4,000,000 pixels, a few kB on the wire
+        data = [base64.b64encode(big).decode()] * count
+        doc = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [count], "data": data}]}
+        return daemon.client.post("/v2/models/colours/infer", json=doc)
+
+    refused = infer(4)
+    assert refused.status_code == 413
+    assert refused.json()["error"] == (
+        "the request's 4 image(s) hold 16000000 pixels together, over the limit of 5000000 "
+        "(preprocess.max_request_pixels)"
+    )
+    assert infer(1).status_code == 200
+    # One image alone is held to the lower of max_pixels and max_request_pixels.
+    alone = daemon.client.post("/models/colours/predict", content=png_bytes("red", size=2300))
+    assert alone.status_code == 400
+    assert "exceeds the limit of 5000000 pixels" in alone.json()["error"]
+
+
 def test_an_inference_header_length_of_thousands_of_digits_is_a_400(project: Project, start_daemon):
     project.save("colours-v1.pt")
     daemon = start_daemon(project.config)
