@@ -6,7 +6,7 @@ CONFIG ?= config/models.yaml
 # torch < 2.10 has weights_only advisories; 2.14.1 + 0.29.1 is a pair that imports together.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup tools browser run fleet test train-more bench soak lint clean
+.PHONY: setup tools browser run fleet test train-more bench soak hostile lint clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,12 @@ bench: setup tools
 soak: setup
 	@ls checkpoints/shapes/*.pt >/dev/null 2>&1 || $(PY) -m examples.shapes.train --epochs 1
 	$(PY) -m bench.soak
+
+# Each hostile input of issue #13 (huge images, slow clients, bombs in files and configs) thrown at one daemon,
+# one at a time: status, time, peak RSS, and whether the model still serves (bench/hostile.py); the results go
+# to bench/HOSTILE.md. About 3 minutes; run it alone, like bench.
+hostile: setup
+	$(PY) -m bench.hostile
 
 # ruff, then mypy on reloader/ (its settings are [tool.mypy] in pyproject.toml).
 lint: setup

@@ -241,6 +241,7 @@ def _describe(error: ErrorDetails) -> str:
     kind = error["type"]
     # A bounded repr: a YAML alias bomb nests lists a billion leaves deep, and a plain repr walks them all.
     value = _SHOWN.repr(error.get("input"))
+    value = value if len(value) <= 200 else f"{value[:200]}... (cut at 200 of {len(value)} characters)"
     comparisons = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in comparisons:
         bound = next(iter(ctx.values()))
