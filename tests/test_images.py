@@ -82,8 +82,8 @@ def test_preprocessing_resizes_crops_and_normalises():
     assert tuple(pre.synthetic().shape) == (3, 32, 32)
 
 
-@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 300), (257, 101)])
-def test_preprocessing_matches_torchvision_to_the_pixel(size):
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 300), (257, 101), (72, 90)])
+def test_preprocessing_matches_torchvision_within_one_level_in_a_few_values(size):
     from torchvision.transforms import v2
 
     rng = np.random.default_rng(sum(size))
@@ -99,4 +99,10 @@ def test_preprocessing_matches_torchvision_to_the_pixel(size):
         ]
     )
 
-    torch.testing.assert_close(Preprocessor(spec)(img), reference(img), rtol=0, atol=1e-6)
+    ours, theirs = Preprocessor(spec)(img), reference(img)
+
+    # Back to levels of 255: resampling only the crop's box (fractional corners) moves a rare value by one.
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    levels = ((ours - theirs) * std * 255).abs()
+    assert float(levels.max()) < 1 + 1e-3
+    assert float((levels > 0.5).float().mean()) < 0.01  # random noise, the worst case: 0.35 % at most here
