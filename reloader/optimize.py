@@ -33,14 +33,28 @@ def prepare_module(module: torch.nn.Module, config: ModelConfig) -> torch.nn.Mod
     module = module.to(memory_format=torch.channels_last)
     module = fold_batchnorms(module, config.arch)
     if config.optimize == "compile":
-        # Batch 1 is specialised, so a batch of 2 compiles the dynamic-batch graph that later batches reuse.
-        # A module in, an OptimizedModule (a Module subclass) out: torch's annotations only say "a callable".
-        module = cast(torch.nn.Module, torch.compile(module, dynamic=True))
-        side = config.preprocess.crop
-        # On the module's own device: compiled for the CPU, a module moved to CUDA would compile again.
-        device = next(module.parameters(), torch.empty(0)).device
-        run_forward(module, torch.zeros(2, 3, side, side, device=device))
+        module = compile_module(module, config.preprocess.crop)
     return module
+
+
+def compile_module(module: torch.nn.Module, side: int) -> torch.nn.Module:
+    """torch.compile with Inductor's freezing, compiled now, on the calling (reload) thread.
+
+    Freezing treats the weights as constants: Inductor folds what depends only on them (a bf16 form's
+    casts) and lays them out for oneDNN once, instead of at every call; it needs the inference-mode
+    call `run_forward` makes. One compile worker, not one per core: the compile runs at the reload
+    thread's low priority, and a pool of workers would not. Measured on resnet18, batch 8, here: bf16
+    weights 1.8x eager, fp32 about 1x (oneDNN's eager convolutions already are what Inductor calls)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
+    # Batch 1 is specialised, so a batch of 2 compiles the dynamic-batch graph that later batches reuse.
+    # A module in, an OptimizedModule (a Module subclass) out: torch's annotations only say "a callable".
+    compiled = cast(torch.nn.Module, torch.compile(module, dynamic=True, options={"freezing": True}))
+    # On the module's own device: compiled for the CPU, a module moved to CUDA would compile again.
+    device = next(module.parameters(), torch.empty(0)).device
+    run_forward(compiled, torch.zeros(2, 3, side, side, device=device))
+    return compiled
 
 
 def fold_batchnorms(module: torch.nn.Module, arch: str) -> torch.nn.Module:

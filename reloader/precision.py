@@ -27,6 +27,7 @@ from .compute import FORWARD_LOCK, TRACE_LOCK, run_forward, timed_forward
 from .config import ModelConfig
 from .errors import CheckpointRejected
 from .hardware import Hardware
+from .optimize import compile_module
 from .report import VariantResult, ms_since
 
 AUTO_MIN_SPEEDUP = 1.1
@@ -115,17 +116,23 @@ def bf16_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def build(fp32: nn.Module, precision: str, form: str, device: str, calibration: torch.Tensor) -> nn.Module:
-    """One form of `fp32` (the prepared module, on `device`), as serving calls it."""
-    # From the eager module under a compiled one (optimize: compile): these forms run eager.
+def build(
+    fp32: nn.Module, precision: str, form: str, device: str, calibration: torch.Tensor, compile_side: int | None = None
+) -> nn.Module:
+    """One form of `fp32` (the prepared module, on `device`), as serving calls it.
+
+    With `compile_side` (optimize: compile), the bf16 forms are compiled like fp32 (optimize.compile_module)
+    from the eager module under it, so what is proven and timed is what serves; int8 stays as FX made it."""
     eager = getattr(fp32, "_orig_mod", fp32)
-    if (precision, form) == ("bf16", "autocast"):
-        return served(Autocast(fp32, device.split(":")[0]), device)
-    if (precision, form) == ("bf16", "weights"):
-        return served(CastInput(bf16_copy(eager)), device)
     if (precision, form) == ("int8", "static"):
         return int8_static(eager, calibration)
-    raise ValueError(f"unknown form {form!r} of {precision}")
+    if (precision, form) == ("bf16", "autocast"):
+        inner: nn.Module = Autocast(eager, device.split(":")[0])
+    elif (precision, form) == ("bf16", "weights"):
+        inner = CastInput(bf16_copy(eager))
+    else:
+        raise ValueError(f"unknown form {form!r} of {precision}")
+    return served(inner if compile_side is None else compile_module(inner, compile_side), device)
 
 
 def int8_static(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
@@ -279,7 +286,8 @@ def _prove(
 ) -> tuple[VariantResult, nn.Module | None]:
     started = time.perf_counter()
     try:
-        module = build(fp32, precision, form, device, evidence.calibration)
+        side = config.preprocess.crop if config.optimize == "compile" else None
+        module = build(fp32, precision, form, device, evidence.calibration, side)
         probs = answers(module, evidence.images, config.batch.max_size)
     except Exception as exc:  # a form torch cannot build or run for this model is not offered
         detail = f"failed: {type(exc).__name__}: {exc}"

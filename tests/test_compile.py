@@ -32,3 +32,35 @@ def test_a_compiled_model_passes_the_gate_and_answers_like_the_eager_one(project
     for size in (1, 3, 8):
         batch = torch.randn(size, 3, 32, 32)
         torch.testing.assert_close(forward(compiled, batch), forward(eager, batch), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.torch_compile
+@pytest.mark.parametrize("form", ["autocast", "weights"])
+def test_under_compile_each_bf16_form_is_compiled_with_freezing_and_answers_like_its_eager_self(form, monkeypatch):
+    from tinynet import colour_net, colour_state_dict
+
+    from reloader.precision import build
+
+    compiles: list[dict] = []
+    real_compile = torch.compile
+
+    def recording(module, **kwargs):
+        compiles.append(kwargs)
+        return real_compile(module, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    fp32 = colour_net()
+    fp32.load_state_dict(colour_state_dict())
+    fp32.eval().requires_grad_(False)
+    calibration = torch.randn(4, 3, 32, 32)
+
+    compiled = build(fp32, "bf16", form, "cpu", calibration, compile_side=32)
+    eager = build(fp32, "bf16", form, "cpu", calibration)
+
+    assert compiles == [{"dynamic": True, "options": {"freezing": True}}]
+    assert hasattr(compiled, "_orig_mod") and not hasattr(eager, "_orig_mod")
+    torch.manual_seed(1)
+    for size in (1, 3, 8):
+        batch = torch.randn(size, 3, 32, 32)
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(batch), eager(batch), rtol=0.02, atol=0.05)
