@@ -31,10 +31,12 @@ RELOADER_FORWARD = "BatchNorms folded + channels_last + inference_mode (reloader
 DECODE_THREADS = max(2, os.cpu_count() or 2)
 
 
-def _model_config() -> ModelConfig:
+def _model_config(optimize: str = "none") -> ModelConfig:
     from reloader.architectures import imagenet_labels
 
-    return ModelConfig(arch=MODEL, num_classes=NUM_CLASSES, labels=imagenet_labels(), checkpoints="/nonexistent")
+    return ModelConfig(
+        arch=MODEL, num_classes=NUM_CLASSES, labels=imagenet_labels(), checkpoints="/nonexistent", optimize=optimize
+    )
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -51,15 +53,22 @@ class Limit:
     reloader's keeps the next batch decoding while the forward runs). The limit is the better of the two.
     """
 
-    def __init__(self, images: list[bytes], sd: dict[str, torch.Tensor], form: tuple[str, str] = ("fp32", "eager")):
+    def __init__(
+        self,
+        images: list[bytes],
+        sd: dict[str, torch.Tensor],
+        form: tuple[str, str] = ("fp32", "eager"),
+        optimize: str = "none",
+    ):
         from reloader.precision import build
 
         self.images = images
         self.pre = Preprocessor(Preprocess(resize=256, crop=224))
-        self.module = prepare_module(build_model(MODEL, NUM_CLASSES, sd), _model_config())
+        self.module = prepare_module(build_model(MODEL, NUM_CLASSES, sd), _model_config(optimize))
         if form != ("fp32", "eager"):  # the form reloader serves at another precision (section 7)
             calibration = torch.stack([self.pre.load(image) for image in images])  # for int8
-            self.module = build(self.module, *form, "cpu", calibration)
+            side = 224 if optimize == "compile" else None
+            self.module = build(self.module, *form, "cpu", calibration, side)
         self._offset = 0
         self.serve(max(BATCH_SIZES))  # first-call allocations and oneDNN primitive creation
 

@@ -125,13 +125,22 @@ def report_lines(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
         "| server | c | img/s | limit | img/s / limit | p50 ms | p99 ms | errors | 503s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    shown = ("reloader", "reloader auto", "reloader auto+compile", "litserve", "litserve bf16")
     for row in levels:
-        if row["server"] in ("reloader", "reloader auto", "litserve", "litserve bf16") and row["c"] in (1, 16):
+        if row["server"] in shown and row["c"] in (1, 16):
             lines.append(
                 f"| {row['server']} | {row['c']} | {row['img_s']:.2f} | {row['limit_img_s']:.2f} | "
                 f"{row['img_s'] / row['limit_img_s']:.2f} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | "
                 f"{row['errors']} | {row['n503']} |"
             )
+    compiled = p.get("compiled")
+    if compiled:
+        lines += [
+            "",
+            f"`reloader auto+compile` is `precision: auto` with `optimize: compile` (Inductor, freezing): each form is "
+            f"compiled before it is proven and timed. It chose **{compiled['chosen']}**; its gate took "
+            f"{compiled['gate_s']:.1f} s, ready {compiled['started_in_s']:.1f} s after start ({compiled['fidelity']}).",
+        ]
     return lines
 
 
@@ -176,6 +185,14 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
     ]
     for target, value, bound, other in checks:
         add(target + " (AMX)", f"{auto['img_s']:.1f} vs {other:.1f} img/s", value, value >= bound if amx else None)
+    compiled = _row(levels, "reloader auto+compile", 16)
+    if compiled:
+        add(
+            "auto+compile c=16 vs fp32 c=16 and vs auto c=16, reported",
+            f"{compiled['img_s']:.1f} vs {fp32['img_s']:.1f} and {auto['img_s']:.1f} img/s",
+            ratio_of(compiled["img_s"], fp32["img_s"]),
+            f"{ratio_of(compiled['img_s'], auto['img_s']):.2f}x auto",
+        )
     p99 = ratio_of(auto["p99_ms"], lit_bf16["p99_ms"])
     add(
         "auto c=16 p99 <= LitServe bf16 c=16 p99 (AMX)",

@@ -34,6 +34,7 @@ LEVELS = {
     "litserve": (1, 4, 16, 64),
     "naive": (1, 4, 16),
     "reloader auto": (1, 16),
+    "reloader auto+compile": (1, 16),
     "litserve bf16": (1, 16),
 }
 # c=64 stays under the queue bound only if queue_size >= 64; 32 makes it overflow, so the 503 path is exercised.
@@ -91,6 +92,20 @@ def _scrape(base: str) -> dict[str, float]:
         found = re.findall(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)
         out[name] = sum(float(v) for v in found)
     return out
+
+
+def _chosen(server: servers.Server) -> dict[str, Any]:
+    """What the live version's gate chose: its form, how it says so, the fidelity check's detail, its time."""
+    with urllib.request.urlopen(f"{server.base}/models/{workload.MODEL}", timeout=10) as response:
+        report = json.loads(response.read())["live"]["report"]
+    form = (report["precision"], report["form"])
+    return {
+        "form": form,
+        "chosen": "fp32" if form == ("fp32", "eager") else f"{form[0]} ({form[1]})",
+        "fidelity": next(c["detail"] for c in report["checks"] if c["name"] == "fidelity"),
+        "gate_s": report["total_ms"] / 1000,
+        "started_in_s": server.started_in_s,
+    }
 
 
 def _levels(server: servers.Server, path: str, images: list[bytes], limit: inprocess.Limit, batch: int, args) -> list:
@@ -215,14 +230,21 @@ def main(argv: list[str] | None = None) -> int:
         folder = fresh_folder("auto")
         config = workload.reloader_config(folder.parent, folder, queue_size=QUEUE_SIZE, precision="auto")
         with servers.reloader(config, logs, "reloader auto") as server:
-            with urllib.request.urlopen(f"{server.base}/models/{workload.MODEL}", timeout=10) as response:
-                report = json.loads(response.read())["live"]["report"]
-            form = (report["precision"], report["form"])
-            prec["chosen"] = "fp32" if form == ("fp32", "eager") else f"{form[0]} ({form[1]})"
-            prec["fidelity"] = next(c["detail"] for c in report["checks"] if c["name"] == "fidelity")
+            chosen = _chosen(server)
+            form, prec["chosen"], prec["fidelity"] = chosen["form"], chosen["chosen"], chosen["fidelity"]
             levels += _levels(
                 server, f"/models/{workload.MODEL}/predict", images, inprocess.Limit(images, base, form), batch, args
             )
+        # The same with optimize: compile (Inductor, freezing): every form is compiled before it is proven and timed.
+        folder = fresh_folder("auto-compile")
+        config = workload.reloader_config(
+            folder.parent, folder, queue_size=QUEUE_SIZE, precision="auto", optimize="compile"
+        )
+        with servers.reloader(config, logs, "reloader auto+compile") as server:
+            prec["compiled"] = _chosen(server)
+            form = prec["compiled"]["form"]
+            limit = inprocess.Limit(images, base, form, optimize="compile")
+            levels += _levels(server, f"/models/{workload.MODEL}/predict", images, limit, batch, args)
         if prec["forward"]["why_not_bf16"] is None:
             with servers.litserve(init_path, logs, bf16=True) as server:
                 bf16_limit = inprocess.Limit(images, base, ("bf16", "autocast"))

@@ -128,7 +128,9 @@ def write_in_place(path: Path, data: bytes, chunk: int = 1 << 20, pause_s: float
     return closing
 
 
-def reloader_config(root: Path, checkpoints: Path, *, queue_size: int, precision: str = "fp32") -> Path:
+def reloader_config(
+    root: Path, checkpoints: Path, *, queue_size: int, precision: str = "fp32", optimize: str = "none"
+) -> Path:
     """The reloader defaults for resnet18, plus a bounded queue small enough for c=64 to reach it."""
     path = root / "models.yaml"
     path.write_text(
@@ -147,5 +149,6 @@ def reloader_config(root: Path, checkpoints: Path, *, queue_size: int, precision
         "    preprocess: {resize: 256, crop: 224}\n"
         f"    batch: {{max_size: 8, max_wait_ms: 2, queue_size: {queue_size}}}\n"
         f"    precision: {precision}\n"
+        f"    optimize: {optimize}\n"
     )
     return path
