@@ -96,10 +96,17 @@ def sha256_file(path: Path) -> str:
         return hash_open_file(fh)
 
 
-def hash_open_file(fh: BinaryIO) -> str:
+def hash_open_file(fh: BinaryIO, size: int | None = None) -> str:
+    """The sha256 of what the descriptor reads: up to `size` bytes where given (see open_checkpoint)."""
     digest = hashlib.sha256()
-    for block in iter(lambda: fh.read(1 << 20), b""):
+    left = size
+    while left is None or left > 0:
+        block = fh.read(1 << 20 if left is None else min(1 << 20, left))
+        if not block:
+            break
         digest.update(block)
+        if left is not None:
+            left -= len(block)
     return digest.hexdigest()
 
 
@@ -211,7 +218,9 @@ def open_checkpoint(path: Path, max_bytes: int | None = None) -> OpenCheckpoint:
         before = os.fstat(fh.fileno())
         if max_bytes is not None and before.st_size > max_bytes:
             raise CheckpointRejected("load", too_large(before.st_size, max_bytes))
-        return OpenCheckpoint(path, fh, before, hash_open_file(fh))
+        # No more than the size it had when opened: a file someone appends to without end is not read
+        # without end. If it grew meanwhile, its size and mtime differ at the load's check: incomplete.
+        return OpenCheckpoint(path, fh, before, hash_open_file(fh, before.st_size))
     except OSError as exc:
         fh.close()
         raise CheckpointRejected("load", f"cannot read file: {exc.strerror}") from exc

@@ -94,8 +94,8 @@ def test_a_file_that_changes_while_it_is_read_is_incomplete(tmp_path: Path, monk
     torch.save(colour_state_dict(), path)
     real_hash = checkpoints.hash_open_file
 
-    def hash_then_append(fh):
-        digest = real_hash(fh)
+    def hash_then_append(fh, size=None):
+        digest = real_hash(fh, size)
         with open(path, "ab") as writer:  # a writer appends right after our read
             writer.write(b"more")
         return digest
@@ -119,3 +119,16 @@ def test_loading_refuses_to_run_when_weights_only_is_forced_off(monkeypatch):
 
     with pytest.raises(UnsafeEnvironment, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
         check_environment()
+
+
+def test_a_checkpoint_is_hashed_no_further_than_the_size_it_had_when_opened(tmp_path: Path):
+    import hashlib
+
+    from reloader.checkpoints import hash_open_file
+
+    path = tmp_path / "c.pt"
+    path.write_bytes(b"0123456789" * 1000)
+    with open(path, "rb") as fh:
+        assert hash_open_file(fh, 25) == hashlib.sha256(b"0123456789" * 2 + b"01234").hexdigest()
+    with open(path, "rb") as fh:
+        assert hash_open_file(fh) == hashlib.sha256(path.read_bytes()).hexdigest()

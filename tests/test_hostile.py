@@ -257,6 +257,44 @@ def test_a_v2_shape_of_huge_numbers_is_refused_before_any_arithmetic():
     assert len(str(raised.value)) < 200
 
 
+def test_a_flood_of_slow_decodes_is_refused_503_before_decoding_and_keeps_no_one_out_for_good(
+    project: Project, start_daemon
+):
+    import io
+
+    import httpx
+    import numpy as np
+
+    project.save("colours-v1.pt")
+    text = colours_yaml().replace("{resize: 32, crop: 32}", "{resize: 32, crop: 32}\n    batch: {queue_size: 2}")
+    project.config.write_text(text)
+    daemon = start_daemon(project.config)
+    noise = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="JPEG", quality=95)  # 12 MP: tens of ms to decode, each
+    slow = buf.getvalue()
+    start = threading.Barrier(16)
+    answers: list[httpx.Response] = []
+
+    def send() -> None:
+        start.wait()
+        answers.append(httpx.post(f"{daemon.url}/models/colours/predict", content=slow, timeout=DEADLINE))
+
+    senders = [threading.Thread(target=send) for _ in range(16)]
+    for thread in senders:
+        thread.start()
+    for thread in senders:
+        thread.join()
+
+    refused = [a for a in answers if a.status_code == 503]
+    assert refused, "16 slow decodes at once against a queue of 2: some must be refused"
+    assert {a.status_code for a in answers} <= {200, 503}
+    for answer in refused:
+        assert answer.headers["retry-after"] == "1"
+        assert "counting those decoding" in answer.json()["error"]
+    assert daemon.predict("blue").json()["predictions"][0]["label"] == "blue"
+
+
 def test_decoding_counts_toward_request_timeout_s(project: Project, start_daemon):
     """A 36-megapixel PNG takes far longer than 50 ms to decode: the request ends at its deadline with a 503."""
     import io

@@ -106,3 +106,19 @@ def test_preprocessing_matches_torchvision_within_one_level_in_a_few_values(size
     levels = ((ours - theirs) * std * 255).abs()
     assert float(levels.max()) < 1 + 1e-3
     assert float((levels > 0.5).float().mean()) < 0.01  # random noise, the worst case: 0.35 % at most here
+
+
+def test_a_large_image_gives_its_pages_back_to_the_os_after_it_is_decoded(monkeypatch):
+    from reloader import images, memory
+
+    trims: list[None] = []
+    monkeypatch.setattr(memory, "trim", lambda: trims.append(None))
+    pre = Preprocessor(Preprocess(resize=32, crop=32))
+    side = int(images.TRIM_PIXELS**0.5) + 1
+
+    for size in (40, side - 2, side):
+        buf = io.BytesIO()
+        Image.new("RGB", (size, size), (0, 90, 0)).save(buf, format="PNG")
+        pre.load(buf.getvalue())
+
+    assert len(trims) == 1  # the one at or over TRIM_PIXELS
