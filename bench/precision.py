@@ -193,6 +193,17 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
             ratio_of(compiled["img_s"], fp32["img_s"]),
             f"{ratio_of(compiled['img_s'], auto['img_s']):.2f}x auto",
         )
+    swap = p.get("compiled_swap")
+    if swap:
+        during, steady = swap["during_p99_ms"], swap["steady_p99_ms"]
+        add(
+            f"auto+compile, one swap under load (a gate of {swap['gate_s']:.1f} s, the compiled code reused): "
+            "failed requests and p99 during the gate against steady (c=16), reported",
+            f"{swap['failed']} failed of {swap['requests']}; {during:.0f} vs {steady:.0f} ms"
+            + ("" if swap["swapped"] else "; it did not go live"),
+            during / steady,
+            "reported" if swap["failed"] == 0 and swap["swapped"] else "**FAIL**",
+        )
     p99 = ratio_of(auto["p99_ms"], lit_bf16["p99_ms"])
     add(
         "auto c=16 p99 <= LitServe bf16 c=16 p99 (AMX)",

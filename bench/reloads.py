@@ -331,3 +331,49 @@ def _split(status: dict[str, Any], sha: str, landed: float, first: float, *, ren
         "overhead_to_live_ms": (live_at - landed) * 1000.0 - load_ms - validation_ms,
         "overhead_to_first_response_ms": (first - landed) * 1000.0 - load_ms - validation_ms,
     }
+
+
+GATE_DEADLINE_S = 600.0
+
+
+def during_one_gate(server: Server, images: list[bytes], staged: workload.Staged, steady_s: float) -> dict[str, Any]:
+    """c=16 throughout: `steady_s` with nothing to reload, then one valid checkpoint lands and the load runs
+    on until it is live. For a gate that takes a minute (optimize: compile compiles every form), blocks of
+    a few seconds would each fall inside the same compile: this compares the whole gate with steady."""
+    url = f"{server.base}/models/{MODEL}/predict"
+
+    async def main() -> tuple[LoadResult, float, float, dict[str, Any]]:
+        result = LoadResult(16)
+        stop = asyncio.Event()
+        load = asyncio.create_task(LoadGenerator(url, images, 16).run_until(stop, result))
+        await asyncio.sleep(1.0 + steady_s)  # a second of warm-up, then the steady window
+        landed = time.time()
+        staged.land()
+        deadline = time.monotonic() + GATE_DEADLINE_S
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                status = await _status(session, server.base)
+                if _settled(staged.final)(status):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise TimeoutError(f"{staged.final.name} not settled within {GATE_DEADLINE_S} s")
+        live_at = time.time()
+        stop.set()
+        await load
+        return result, landed, live_at, status
+
+    result, landed, live_at, status = asyncio.run(main())
+    steady = result.within([(landed - steady_s, landed)])
+    gate = result.within([(landed, live_at)])
+    swapped = any(e["event"] == "swapped" and e.get("file") == str(staged.final) for e in status["events"])
+    return {
+        "gate_s": live_at - landed,
+        "swapped": swapped,
+        "steady": steady.summary(),
+        "during": gate.summary(),
+        "steady_p99_ms": steady.latency_ms(99),
+        "during_p99_ms": gate.latency_ms(99),
+        "failed": sum(1 for s in result.samples if s.status != 200),
+        "requests": len(result.samples),
+    }

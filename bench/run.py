@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             form = prec["compiled"]["form"]
             limit = inprocess.Limit(images, base, form, optimize="compile")
             levels += _levels(server, f"/models/{workload.MODEL}/predict", images, limit, batch, args)
+            # One swap under c=16 load while its gate compiles each form.
+            staged = reloads.stage_swaps(folder, 2, 1, seed=300)[0]
+            prec["compiled_swap"] = reloads.during_one_gate(server, images, staged, steady_s=args.duration)
         if prec["forward"]["why_not_bf16"] is None:
             with servers.litserve(init_path, logs, bf16=True) as server:
                 bf16_limit = inprocess.Limit(images, base, ("bf16", "autocast"))

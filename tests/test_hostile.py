@@ -60,6 +60,13 @@ def test_a_checkpoint_path_that_became_a_fifo_is_refused_without_blocking(projec
 # -- requests ----------------------------------------------------------------------------------------
 
 
+def _serving(project: Project, start_daemon, *, preprocess: str):
+    """A daemon serving colours-v1.pt, with the config's preprocess line replaced by `preprocess`."""
+    project.save("colours-v1.pt")
+    project.config.write_text(colours_yaml().replace("{resize: 32, crop: 32}", preprocess))
+    return start_daemon(project.config)
+
+
 def test_an_image_of_extreme_shape_is_resampled_only_where_the_crop_keeps(monkeypatch):
     sizes: list[tuple[int, int]] = []
     real_resize = Image.Image.resize
@@ -95,10 +102,7 @@ def test_a_v2_request_whose_images_together_exceed_max_request_pixels_is_refused
 ):
     import base64
 
-    project.save("colours-v1.pt")
-    text = colours_yaml().replace("{resize: 32, crop: 32}", "{resize: 32, crop: 32, max_request_pixels: 5000000}")
-    project.config.write_text(text)
-    daemon = start_daemon(project.config)
+    daemon = _serving(project, start_daemon, preprocess="{resize: 32, crop: 32, max_request_pixels: 5000000}")
 
     def infer(count: int):
         big = png_bytes("green", size=2000)  # 4,000,000 pixels, a few kB on the wire
@@ -265,10 +269,7 @@ def test_a_flood_of_slow_decodes_is_refused_503_before_decoding_and_keeps_no_one
     import httpx
     import numpy as np
 
-    project.save("colours-v1.pt")
-    text = colours_yaml().replace("{resize: 32, crop: 32}", "{resize: 32, crop: 32}\n    batch: {queue_size: 2}")
-    project.config.write_text(text)
-    daemon = start_daemon(project.config)
+    daemon = _serving(project, start_daemon, preprocess="{resize: 32, crop: 32}\n    batch: {queue_size: 2}")
     noise = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(noise).save(buf, format="JPEG", quality=95)  # 12 MP: tens of ms to decode, each
