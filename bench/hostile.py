@@ -1040,6 +1040,7 @@ def _report(r: dict[str, Any], out: Path) -> None:
         f"- Date: {r['started']}; {r['duration_s']:.0f} s in all; load average {r['load_start']} at the start, "
         f"{r['load_end']} at the end.",
         f"- Machine: {r['cores']} cores, {r['cpu']}; torch {r['torch']}; code at {r['git']}.",
+        f"- CPU flags: {' '.join(sorted(Hardware.detect().cpu_flags))}",
         "- One daemon (arch tests.tinynet:colour_net, preprocess resize 256 / crop 224); limits: "
         + ", ".join(f"{k} {v}" for k, v in lim.items() if k not in ("host", "port", "default_model", "access_log"))
         + ".",
