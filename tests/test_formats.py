@@ -47,6 +47,17 @@ def test_every_dtype_reads_as_the_safetensors_library_reads_it(tmp_path: Path):
         assert torch.equal(ours[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
 
 
+def test_empty_tensors_of_other_dtypes_at_one_offset_read_as_the_library_reads_them(tmp_path: Path):
+    path = tmp_path / "empty.safetensors"
+    save_file({"a": torch.zeros(0, 3), "b": torch.zeros(0, dtype=torch.int64), "c": torch.ones(2)}, str(path))
+
+    ours = load_checkpoint(path).state_dict
+    theirs = library_load(path.read_bytes())
+
+    assert {k: (v.dtype, v.shape) for k, v in ours.items()} == {k: (v.dtype, v.shape) for k, v in theirs.items()}
+    assert torch.equal(ours["c"], theirs["c"])
+
+
 def _file(header: object, data: bytes = b"") -> bytes:
     raw = json.dumps(header).encode()
     return struct.pack("<Q", len(raw)) + raw + data
@@ -69,6 +80,7 @@ F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
         (_file({"a": {**F32, "data_offsets": [0]}}, bytes(8)), "data_offsets that are not two positions"),
         (_file({"a": {**F32, "shape": [1 << 40]}}, bytes(8)), "spans 8 bytes, but [1099511627776] of F32"),
         (_file({"a": F32, "b": F32}, bytes(8)), "starts at 0, not at 8: offsets overlap"),
+        (_file({"a": F32, "b": {**F32, "dtype": "I32"}}, bytes(8)), "starts at 0, not at 8: offsets overlap"),
         (_file({"a": {**F32, "data_offsets": [8, 16]}}, bytes(16)), "starts at 8, not at 0"),
         (_file({"a": F32}, bytes(12)), "tensors cover 8 bytes of the 12"),
         (GOOD[:-4], "tensors cover 28 bytes of the 24"),
