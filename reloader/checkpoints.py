@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import re
@@ -99,14 +100,10 @@ def sha256_file(path: Path) -> str:
 def hash_open_file(fh: BinaryIO, size: int | None = None) -> str:
     """The sha256 of what the descriptor reads: up to `size` bytes where given (see open_checkpoint)."""
     digest = hashlib.sha256()
-    left = size
-    while left is None or left > 0:
-        block = fh.read(1 << 20 if left is None else min(1 << 20, left))
-        if not block:
-            break
+    left = math.inf if size is None else size
+    while left > 0 and (block := fh.read(int(min(1 << 20, left)))):
         digest.update(block)
-        if left is not None:
-            left -= len(block)
+        left -= len(block)
     return digest.hexdigest()
 
 
