@@ -90,10 +90,10 @@ class Preprocessor:
     Only the part the crop keeps is resampled: Pillow's `resize(box=...)` computes the crop's pixels from
     the whole image, as resize-then-crop would, without the pixels the crop then throws away. On a
     640x480 photo at 256/224 that is 224x224 pixels instead of 341x256, and 40 % less time (the resize
-    was as costly as the JPEG decode); and a 177-byte PNG of 100000x1 pixels costs a 224x224 resample, not
-    25,600,000x256. The box's corners are fractions, so one value in about 7,000 of the bench's photos (a few in
-    1,000 of random noise) comes out one level of
-    255 off torchvision's Resize + CenterCrop (tests/test_images.py)."""
+    was as costly as the JPEG decode); and a 177-byte PNG of 100000x1 pixels costs a 224x224 resample,
+    not 25,600,000x256. The box's corners are fractions, so one value in about 7,000 of the bench's
+    photos (a few in 1,000 of random noise) comes out one level of 255 off torchvision's Resize +
+    CenterCrop (tests/test_images.py)."""
 
     def __init__(self, spec: Preprocess) -> None:
         self.spec = spec
