@@ -948,14 +948,6 @@ def run_case(d: Daemon, case: Case) -> dict[str, Any]:
 # -- the run and the report ----------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.SubprocessError, StopIteration):
-        return Hardware.detect().cpu_model
-
-
 def git_state() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
@@ -1012,7 +1004,8 @@ def hostile(out: Path) -> dict[str, Any]:
         "started": started,
         "load_start": load_start,
         "load_end": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
-        "cpu": cpu_model(),
+        "cpu": Hardware.detect().cpu_model,
+        "flags": " ".join(sorted(Hardware.detect().cpu_flags)),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "git": git_state(),
@@ -1040,7 +1033,7 @@ def _report(r: dict[str, Any], out: Path) -> None:
         f"- Date: {r['started']}; {r['duration_s']:.0f} s in all; load average {r['load_start']} at the start, "
         f"{r['load_end']} at the end.",
         f"- Machine: {r['cores']} cores, {r['cpu']}; torch {r['torch']}; code at {r['git']}.",
-        f"- CPU flags: {' '.join(sorted(Hardware.detect().cpu_flags))}",
+        f"- CPU flags: {r['flags']}",
         "- One daemon (arch tests.tinynet:colour_net, preprocess resize 256 / crop 224); limits: "
         + ", ".join(f"{k} {v}" for k, v in lim.items() if k not in ("host", "port", "default_model", "access_log"))
         + ".",
