@@ -13,7 +13,7 @@ from .compute import run_forward
 from .errors import ConfigError, InvalidImage
 from .evalset import Evaluation
 from .files import open_regular, shown
-from .images import Preprocessor
+from .images import Preprocessor, stack_images
 from .report import EvaluationResult
 
 
@@ -40,7 +40,7 @@ class EvaluationSet:
         totals = [0] * len(self.labels)
         for start in range(0, len(self.images), batch_size):
             chunk = self.images[start : start + batch_size]
-            batch = torch.stack([self.preprocessor.load(data) for _, data, _ in chunk])
+            batch = stack_images([self.preprocessor.load(data) for _, data, _ in chunk])
             predicted = run_forward(module, batch).argmax(dim=1).tolist()
             for (_, _, truth), guess in zip(chunk, predicted, strict=True):
                 totals[truth] += 1
@@ -52,7 +52,7 @@ class EvaluationSet:
         """Up to `limit` images spread evenly over the set (every label), preprocessed, with their names."""
         count = min(limit, len(self.images))
         chosen = [self.images[i * len(self.images) // count] for i in range(count)]
-        tensors = torch.stack([self.preprocessor.load(data) for _, data, _ in chosen])
+        tensors = stack_images([self.preprocessor.load(data) for _, data, _ in chosen])
         return tensors, [f"{self.labels[label]}/{name}" for name, _, label in chosen]
 
     def judge(self, result: EvaluationResult, live: EvaluationResult | None) -> tuple[EvaluationResult, str | None]:

@@ -23,7 +23,7 @@ from .errors import CheckpointIncomplete, CheckpointRejected, ConfigError, Inval
 from .evaluation import EvaluationSet
 from .files import shown
 from .hardware import Hardware
-from .images import Preprocessor
+from .images import Preprocessor, stack_images
 from .precision import Evidence, Form, Unfaithful, choose, served
 from .report import CheckResult, EvaluationResult, ValidationReport, VariantResult, ms_since
 from .signing import SignatureCheck
@@ -205,7 +205,7 @@ class Gate:
     def _evidence(self) -> Evidence:
         """The golden images, then every other evaluation image (held out); int8 calibrates on the golden
         images and the rest of the evaluation images, never on what proves it."""
-        golden = torch.stack([image.tensor for image in self.warmup])
+        golden = stack_images([image.tensor for image in self.warmup])
         sources = [image.source for image in self.warmup]
         if self.evaluation is None:
             return Evidence(golden, sources, len(golden), golden)
