@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from reloader.architectures import build_model
+from reloader.compute import lower_thread_priority
 from reloader.config import ModelConfig, Preprocess
-from reloader.images import Preprocessor
+from reloader.images import Preprocessor, stack_images
 from reloader.optimize import prepare_module
 
 from .workload import MODEL, NUM_CLASSES
@@ -27,7 +28,7 @@ from .workload import MODEL, NUM_CLASSES
 BATCH_SIZES = (1, 4, 8)
 SPEEDUP_BATCH = 8
 RELOADER_FORWARD = "BatchNorms folded + channels_last + inference_mode (reloader)"
-# What reloader's decode limiter allows (reloader/app.py, Service.decode_limiter).
+# reloader's decode pool: as many threads, at the same low priority (reloader/app.py, Service.decode_pool).
 DECODE_THREADS = max(2, os.cpu_count() or 2)
 
 
@@ -78,7 +79,7 @@ class Limit:
 
     def _forward(self, tensors: list[torch.Tensor]) -> None:
         with torch.inference_mode():
-            self.module(torch.stack(tensors).contiguous(memory_format=torch.channels_last)).float().softmax(dim=1)
+            self.module(stack_images(tensors)).float().softmax(dim=1)
 
     def serve(self, batch: int) -> float:
         """Seconds to decode+preprocess `batch` uploads one after another and answer them in one forward."""
@@ -88,7 +89,7 @@ class Limit:
 
     def pipelined(self, batch: int, batches: int) -> float:
         """img/s in steady state with decoding overlapped with the forward, on reloader's number of threads."""
-        with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        with ThreadPoolExecutor(DECODE_THREADS, initializer=lower_thread_priority) as pool:
             ahead = deque(pool.submit(self.pre.load, self._next_image()) for _ in range(batch))
             ahead[-1].result()
             t0 = time.perf_counter()

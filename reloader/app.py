@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anyio
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .batching import Batcher
+from .compute import lower_thread_priority
 from .errors import (
     ApiError,
     InvalidParameter,
@@ -57,8 +59,14 @@ class Service:
         self.supervisor = supervisor
         self.batcher = batcher
         self.alive = alive
-        # Decoding releases the GIL; more threads than cores would only queue inside Pillow.
-        self.decode_limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        # Decoding releases the GIL; more threads than cores would only queue inside Pillow. Its own threads,
+        # below the forward's priority (compute.py), and no one else's work on them.
+        self.decode_pool = ThreadPoolExecutor(
+            max(2, os.cpu_count() or 2), thread_name_prefix="decode", initializer=lower_thread_priority
+        )
+
+    def close(self) -> None:
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def registry(self):  # noqa: ANN201 - the Registry, read-only here
@@ -138,13 +146,10 @@ class Service:
                 if len(images) > 1:  # one image is held to the lower of both limits as it is decoded
                     limit = live.config.preprocess.max_request_pixels
                     await anyio.to_thread.run_sync(pixels, images, limit, abandon_on_cancel=True)
-                tensors = await asyncio.gather(
-                    *(
-                        # Abandoned at the deadline: the answer goes out; the thread finishes and is dropped.
-                        anyio.to_thread.run_sync(decode, data, limiter=self.decode_limiter, abandon_on_cancel=True)
-                        for data in images
-                    )
-                )
+                # Abandoned at the deadline: the answer goes out; a decode not started is dropped, one
+                # running finishes and its tensor is dropped.
+                loop = asyncio.get_running_loop()
+                tensors = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, decode, d) for d in images))
         except TimeoutError:
             raise RequestTimedOut(f"timed out after {timeout} s decoding the images for {live.name!r}") from None
         finally:

@@ -23,8 +23,9 @@ from typing import Protocol
 
 import torch
 
-from .compute import run_forward
+from .compute import name_thread, run_forward
 from .errors import Overloaded, RequestTimedOut
+from .images import stack_images
 from .registry import LiveModel
 
 
@@ -61,7 +62,7 @@ class Batcher:
         self._current = current
         self._shadow = shadow
         self._forward_seconds: dict[str, float] = {}  # per model, for a canary's share of the forward time
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference", initializer=name_thread)
         self._queues: dict[str, deque[_Item]] = {}
         self._decoding: dict[str, int] = {}
         self._running = False
@@ -159,7 +160,7 @@ class Batcher:
         self._running = True
         loop = asyncio.get_running_loop()
         live = batch[0].live
-        stacked = torch.stack([item.tensor for item in batch])
+        stacked = stack_images([item.tensor for item in batch])
         started = time.perf_counter()
         done = loop.run_in_executor(self._executor, forward, live, stacked)
 

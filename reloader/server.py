@@ -189,6 +189,7 @@ class Daemon:
         finally:
             self.parts.stop()
             self.batcher.close()
+            self.service.close()
             self.notifier.close()
         code = 1 if self.server.force_exit else 0
         logger.info("reloader stopped (exit %d)", code, extra={"event": "stop", "exit_code": code})

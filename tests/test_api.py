@@ -7,6 +7,7 @@ import inspect
 import io
 import signal
 import threading
+from pathlib import Path
 
 import httpx
 from conftest import Project, colours_yaml, png_bytes, sha256, wait_until
@@ -193,3 +194,30 @@ def test_sigterm_finishes_requests_in_flight_and_exits_zero(project: Project, st
     assert daemon.proc.wait(timeout=30) == 0
     assert results and results[0].status_code == 200
     assert results[0].json()["predictions"][0]["label"] == "blue"
+
+
+def _thread_priorities(pid: int) -> dict[str, set[int]]:
+    """Each OS thread name in a process, with the nice values of the threads so named (/proc)."""
+    found: dict[str, set[int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            nice = int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])  # field 19 of stat
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        found.setdefault(name, set()).add(nice)
+    return found
+
+
+def test_decoding_and_reloading_run_below_the_priority_of_serving_s_forward_pass(project: Project, start_daemon):
+    project.save("colours-v1.pt")
+    daemon = start_daemon(project.config)
+    for colour in ("red", "green", "blue"):  # three at once: both decode threads start
+        assert daemon.predict(colour).status_code == 200
+
+    threads = _thread_priorities(daemon.proc.pid)
+
+    decoders = set().union(*(nice for name, nice in threads.items() if name.startswith("decode_")))
+    assert decoders == {19}, threads
+    assert threads["inference_0"] == {0}, threads  # the forward pass, at the process's own priority
+    assert threads["reload-colours"] == {19}, threads
