@@ -18,8 +18,10 @@ from reloader.hardware import Hardware
 from reloader.optimize import prepare_module
 from reloader.precision import FORMS, FP32, build, compare
 
+from .client import measure
 from .inprocess import SPEEDUP_BATCH, _model_config
 from .reloads import SwapRun
+from .servers import Server
 from .workload import MODEL, NUM_CLASSES
 
 
@@ -84,6 +86,26 @@ def demo_agreement(tmp: Path, epochs: int) -> dict[str, Any]:
     return {"epochs": epochs, "train_s": train_s, "images": len(labels), "rows": rows}
 
 
+def side_by_side(fp32: Server, auto: Server, images: list[bytes], rounds: int, duration: float, warmup: float) -> dict:
+    """fp32 and auto served at c=16 in alternating turns (fp32, auto, auto, fp32, ...), the server not measured
+    frozen: the 2.5x target's two sides, measured minutes apart in the other sections, saw the machine drift
+    by up to 29 % between them, and bf16's speed more than fp32's."""
+    turns: dict[str, list[dict[str, Any]]] = {"fp32": [], "auto": []}
+    both = {"fp32": fp32, "auto": auto}
+    for r in range(rounds):
+        for name in ("fp32", "auto") if r % 2 == 0 else ("auto", "fp32"):
+            with both["auto" if name == "fp32" else "fp32"].paused():
+                result = measure(both[name].base + f"/models/{MODEL}/predict", images, 16, duration, warmup)
+            turns[name].append(result.summary())
+    img_s = {name: statistics.median(t["img_s"] for t in ts) for name, ts in turns.items()}
+    return {
+        "turns": turns,
+        "img_s": img_s,
+        "ratio": img_s["auto"] / img_s["fp32"],
+        "failed": sum(t["errors"] + t["n503"] for ts in turns.values() for t in ts),
+    }
+
+
 def _label(f: tuple[str, str]) -> str:
     return "fp32" if f == FP32 else f"{f[0]} ({f[1]})"
 
@@ -133,6 +155,18 @@ def report_lines(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
                 f"{row['img_s'] / row['limit_img_s']:.2f} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | "
                 f"{row['errors']} | {row['n503']} |"
             )
+    side = p.get("side_by_side")
+    if side:
+        lines += [
+            "",
+            f"Side by side (both servers running, each served at c=16 in {len(side['turns']['fp32'])} turns, "
+            "fp32 and auto alternating, the one not measured frozen): "
+            + "; ".join(
+                f"{name} " + ", ".join(f"{t['img_s']:.1f}" for t in side["turns"][name]) + f" (median {v:.1f})"
+                for name, v in side["img_s"].items()
+            )
+            + f" img/s; auto / fp32 {side['ratio']:.2f}x, {side['failed']} failed.",
+        ]
     compiled = p.get("compiled")
     if compiled:
         lines += [
@@ -164,27 +198,28 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
         verdict = ok if isinstance(ok, str) else "not measured here" if ok is None else "PASS" if ok else "**FAIL**"
         rows.append(f"| {target} | {measured} | {'-' if ratio is None else f'{ratio:.2f}x'} | {verdict} |")
 
-    ratio = ratio_of(auto["img_s"], fp32["img_s"])
+    # auto against fp32: from the side-by-side turns (section 7), which see the same machine; the levels of
+    # sections 2-3 and 7, minutes apart, are reported beside them.
+    side = p["side_by_side"]
+    paired = f"{side['img_s']['auto']:.1f} vs {side['img_s']['fp32']:.1f} img/s side by side"
+    add("auto c=16 >= 0.97x fp32 c=16 (any CPU)", paired, side["ratio"], side["ratio"] >= 0.97 and not side["failed"])
     add(
-        "auto c=16 >= 0.97x fp32 c=16 (any CPU)",
+        "auto c=16 vs fp32 c=16, each from its own section's levels, reported",
         f"{auto['img_s']:.1f} vs {fp32['img_s']:.1f} img/s",
-        ratio,
-        ratio >= 0.97,
+        ratio_of(auto["img_s"], fp32["img_s"]),
+        "reported",
     )
     amx = p["forward"]["why_not_bf16"] is None
+    # (target, auto's img/s, the other's, the bound on their ratio)
     checks = [
-        ("auto c=16 >= 2.5x fp32 served c=16", ratio_of(auto["img_s"], fp32["img_s"]), 2.5, fp32["img_s"]),
-        (
-            "auto c=16 >= 90% of the in-process limit of its precision",
-            auto["img_s"] / auto["limit_img_s"],
-            0.9,
-            auto["limit_img_s"],
-        ),
-        ("auto c=16 >= 2x LitServe fp32 c=16", ratio_of(auto["img_s"], lit["img_s"]), 2.0, lit["img_s"]),
-        ("auto c=16 >= 1.1x LitServe bf16 c=16", ratio_of(auto["img_s"], lit_bf16["img_s"]), 1.1, lit_bf16["img_s"]),
+        ("auto c=16 >= 2.5x fp32 served c=16", side["img_s"]["auto"], side["img_s"]["fp32"], 2.5),
+        ("auto c=16 >= 90% of the in-process limit of its precision", auto["img_s"], auto["limit_img_s"], 0.9),
+        ("auto c=16 >= 2x LitServe fp32 c=16", auto["img_s"], lit["img_s"], 2.0),
+        ("auto c=16 >= 1.1x LitServe bf16 c=16", auto["img_s"], lit_bf16["img_s"], 1.1),
     ]
-    for target, value, bound, other in checks:
-        add(target + " (AMX)", f"{auto['img_s']:.1f} vs {other:.1f} img/s", value, value >= bound if amx else None)
+    for target, mine, other, bound in checks:
+        value = ratio_of(mine, other)
+        add(target + " (AMX)", f"{mine:.1f} vs {other:.1f} img/s", value, value >= bound if amx else None)
     compiled = _row(levels, "reloader auto+compile", 16)
     if compiled:
         add(

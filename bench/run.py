@@ -235,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
             levels += _levels(
                 server, f"/models/{workload.MODEL}/predict", images, inprocess.Limit(images, base, form), batch, args
             )
+            folder = fresh_folder("fp32-beside-auto")
+            config = workload.reloader_config(folder.parent, folder, queue_size=QUEUE_SIZE)
+            with servers.reloader(config, logs, "reloader fp32 beside auto") as fp32_server:
+                prec["side_by_side"] = precision.side_by_side(
+                    fp32_server, server, images, args.rounds, args.duration, args.warmup
+                )
+            _log(f"side by side: auto / fp32 {prec['side_by_side']['ratio']:.2f}x, {prec['side_by_side']['img_s']}")
         # The same with optimize: compile (Inductor, freezing): every form is compiled before it is proven and timed.
         folder = fresh_folder("auto-compile")
         config = workload.reloader_config(
