@@ -10,13 +10,14 @@ bf16 forward fed by two decode threads lost 8-13 % of its images per second here
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import threading
 import time
 
 import torch
+
+from .memory import libc
 
 logger = logging.getLogger("reloader.compute")
 
@@ -35,11 +36,11 @@ def name_thread() -> None:
     """Give the calling OS thread its Python name (15 bytes at most), so `top -H`, `ps -L` and /proc tell
     serving's threads from the rest. Threads it starts, such as a forward's OpenMP team, inherit the name.
     Python names OS threads itself only from 3.14; before, through prctl(PR_SET_NAME). Linux only."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_NAME, threading.current_thread().name.encode()[:15], 0, 0, 0)
-    except (AttributeError, OSError) as exc:  # no prctl here: the name is only for people
-        logger.debug("cannot name the thread: %s", exc)
+    c = libc()
+    if c is None or not hasattr(c, "prctl"):  # not Linux: the name is only for people
+        logger.debug("cannot name the thread: no prctl here")
+        return
+    c.prctl(PR_SET_NAME, threading.current_thread().name.encode()[:15], 0, 0, 0)
 
 
 def lower_thread_priority(niceness: int = BACKGROUND_NICENESS) -> None:

@@ -9,7 +9,8 @@ from functools import cache
 
 
 @cache
-def _libc() -> ctypes.CDLL | None:
+def libc() -> ctypes.CDLL | None:
+    """The C library, loaded once; None where there is none to load."""
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name) if name else None
@@ -26,6 +27,6 @@ def release() -> None:
 def trim() -> None:
     """Ask glibc to return free heap pages to the OS: after a large image, glibc keeps its pixels' pages
     (16 decodes of 36 MP held 300 MB here until a trim gave back all but 20)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    c = libc()
+    if c is not None and hasattr(c, "malloc_trim"):
+        c.malloc_trim(0)
