@@ -51,7 +51,8 @@ def forward_table(sd: dict[str, torch.Tensor], rounds: int) -> dict[str, Any]:
                 module(x)
                 times[f].append(time.perf_counter() - t0)
     img_s = {f: SPEEDUP_BATCH / statistics.median(t) for f, t in times.items()}
-    return {"img_s": img_s, "why_not_bf16": Hardware.detect().why_not("bf16", "cpu")}
+    hw = Hardware.detect()
+    return {"img_s": img_s, "why_not_bf16": hw.why_not("bf16", "cpu"), "amx": "amx_bf16" in hw.cpu_flags}
 
 
 def demo_agreement(tmp: Path, epochs: int) -> dict[str, Any]:
@@ -104,6 +105,9 @@ def side_by_side(fp32: Server, auto: Server, images: list[bytes], rounds: int, d
         "ratio": img_s["auto"] / img_s["fp32"],
         "failed": sum(t["errors"] + t["n503"] for ts in turns.values() for t in ts),
     }
+
+
+NO_AMX = "not measured here (no AMX; this CPU's figure shown)"
 
 
 def _label(f: tuple[str, str]) -> str:
@@ -183,7 +187,8 @@ def _row(levels: list[dict[str, Any]], server: str, c: int) -> dict[str, Any] | 
 
 
 def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
-    """Issue 11's targets; the AMX rows only where this CPU has native bf16, else 'not measured here'."""
+    """Issue 11's targets. The AMX rows are judged only where this CPU has AMX-BF16; elsewhere (AVX512-BF16
+    alone, as on AMD's Zen 4 EPYCs, or no native bf16) they show this CPU's figures, marked 'not measured here'."""
     auto, fp32 = _row(levels, "reloader auto", 16), _row(levels, "reloader", 16)
     lit = _row(levels, "litserve", 16)
     # LitServe bf16 runs only where bf16 is native (elsewhere it is seconds per batch); its rows are then empty.
@@ -195,7 +200,7 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
         return a / b if b else float("inf")
 
     def add(target: str, measured: str, ratio: float | None, ok: bool | str | None) -> None:
-        verdict = ok if isinstance(ok, str) else "not measured here" if ok is None else "PASS" if ok else "**FAIL**"
+        verdict = ok if isinstance(ok, str) else NO_AMX if ok is None else "PASS" if ok else "**FAIL**"
         rows.append(f"| {target} | {measured} | {'-' if ratio is None else f'{ratio:.2f}x'} | {verdict} |")
 
     # auto against fp32: from the side-by-side turns (section 7), which see the same machine; the levels of
@@ -209,7 +214,7 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
         ratio_of(auto["img_s"], fp32["img_s"]),
         "reported",
     )
-    amx = p["forward"]["why_not_bf16"] is None
+    amx = p["forward"]["amx"]
     # (target, auto's img/s, the other's, the bound on their ratio)
     checks = [
         ("auto c=16 >= 2.5x fp32 served c=16", side["img_s"]["auto"], side["img_s"]["fp32"], 2.5),
@@ -257,10 +262,10 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
     bf16 = [r for f, r in p["agreement"]["rows"].items() if f[0] == "bf16"]
     worst = min((r["agreement"] for r in bf16), default=None)
     add(
-        "bf16 top-1 agreement with fp32 on the 400 held-out demo images >= 99.5% (AMX)",
+        "bf16 top-1 agreement with fp32 on the 400 held-out demo images >= 99.5% (AMX; judged wherever bf16 runs)",
         "-" if worst is None else f"{worst * 100:.2f}% (the lower of its two forms)",
         None,
-        None if worst is None else worst >= 0.995,
+        "not measured here (no native bf16)" if worst is None else worst >= 0.995,
     )
     run: SwapRun = p["swaps"]
     failed = run.extra["all"].errors + run.extra["all"].n503

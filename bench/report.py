@@ -352,7 +352,7 @@ def write_results(path: Path, d: dict[str, Any]) -> None:
         "",
         *precision.report_lines(d["precision"], d["levels"]),
         "",
-        "Targets of issue 11 (the AMX rows are measured only on a CPU with native bf16):",
+        "Targets of issue 11 (the AMX rows are judged only on a CPU with AMX-BF16):",
         "",
         *precision.targets(d["precision"], d["levels"]),
         "",
