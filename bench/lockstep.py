@@ -24,8 +24,10 @@ import torchvision
 from torch import nn
 
 from reloader.hardware import Hardware
-from reloader.optimize import fold_batchnorms
+from reloader.optimize import prepare_module
 from reloader.precision import build
+
+from .inprocess import _model_config
 
 SECONDS = 5.0
 
@@ -93,7 +95,7 @@ def main() -> None:
     bf16_here = hw.why_not("bf16", "cpu") or "native"
     print(f"CPU: {hw.cpu_model}; bf16: {bf16_here}; torch threads {torch.get_num_threads()}")
     net = torchvision.models.resnet18(num_classes=1000).eval().requires_grad_(False)
-    fp32 = fold_batchnorms(net.to(memory_format=torch.channels_last), "resnet18")
+    fp32 = prepare_module(net, _model_config())  # as the gate prepares it: channels_last, BatchNorms folded
     x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     x = x.contiguous(memory_format=torch.channels_last)
     bf16 = build(fp32, "bf16", "weights", "cpu", x[:2])

@@ -20,6 +20,7 @@ Two things in torch 2.14 + torchao 0.18 stand in the way, and the probe works ar
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -30,8 +31,11 @@ from torch import fx, nn
 
 from reloader.hardware import Hardware
 from reloader.memory import trim
-from reloader.optimize import fold_batchnorms
+from reloader.optimize import prepare_module
 from reloader.precision import build, compare
+
+from .inprocess import _model_config
+from .servers import status_kib
 
 BUILDS = 5
 
@@ -85,17 +89,12 @@ def pt2e_int8(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
     return compiled
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
-
-
 def main() -> None:
     hw = Hardware.detect()
     print(f"CPU: {hw.cpu_model}; int8: {hw.why_not('int8', 'cpu') or 'native (VNNI or AMX-INT8)'}")
     print(f"torch {torch.__version__}, torchao {__import__('torchao').__version__}")
     net = torchvision.models.resnet18(num_classes=1000).eval().requires_grad_(False)
-    fp32 = fold_batchnorms(net.to(memory_format=torch.channels_last), "resnet18")
+    fp32 = prepare_module(net, _model_config())  # as the gate prepares it: channels_last, BatchNorms folded
     gen = torch.Generator().manual_seed(0)
     calibration = torch.randn(8, 3, 224, 224, generator=gen)
     x = torch.randn(8, 3, 224, 224, generator=gen).contiguous(memory_format=torch.channels_last)
@@ -115,9 +114,9 @@ def main() -> None:
                 t = time.perf_counter()
                 module(x)
                 times[name].append(time.perf_counter() - t)
-    base = 8 / statistics.median(times["fp32"])
+    base = len(x) / statistics.median(times["fp32"])
     for name, t in times.items():
-        img_s = 8 / statistics.median(t)
+        img_s = len(x) / statistics.median(t)
         print(f"forward, batch 8: {name} {img_s:.1f} img/s, {img_s / base:.2f}x fp32")
 
     del forms, pt2e
@@ -126,7 +125,7 @@ def main() -> None:
         pt2e_int8(fp32, calibration)  # dropped at once, as a replaced version's form would be
         gc.collect()
         trim()
-        rss.append(rss_mib())
+        rss.append(status_kib(os.getpid(), "VmRSS") / 1024)
     steps = [b - a for a, b in zip(rss, rss[1:], strict=False)]
     print("RSS after each build, dropped (MiB): " + ", ".join(f"{r:.0f}" for r in rss))
     print(f"growth per build: median {statistics.median(steps):.0f} MiB")
