@@ -144,15 +144,21 @@ def int8_static(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
     checkpoint (bench/pt2e.py): FX mode is the int8 path that serves.
     The fp32 module is left as it is: the quantized module holds its own int8 weights."""
     from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.fx.utils import assert_and_get_unique_device
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     torch.backends.quantized.engine = "x86"  # the default where it exists; it only concerns quantized ops
-    # fx patches nn.Module.__call__ for every thread while it traces: nothing may run a module meanwhile.
-    with FORWARD_LOCK, TRACE_LOCK:
-        prepared = prepare_fx(fp32, get_default_qconfig_mapping("x86"), (calibration[:1],))
-    run_forward(prepared, calibration)  # the observers record each activation's range
-    with FORWARD_LOCK, TRACE_LOCK:
-        return convert_fx(prepared)
+    try:
+        # fx patches nn.Module.__call__ for every thread while it traces: nothing may run a module meanwhile.
+        with FORWARD_LOCK, TRACE_LOCK:
+            prepared = prepare_fx(fp32, get_default_qconfig_mapping("x86"), (calibration[:1],))
+        run_forward(prepared, calibration)  # the observers record each activation's range
+        with FORWARD_LOCK, TRACE_LOCK:
+            return convert_fx(prepared)
+    finally:
+        # prepare_fx and convert_fx look up each module's device through a functools.cache keyed by the
+        # module, which keeps every module it has seen: 24 MiB per resnet18 build, so per reload.
+        assert_and_get_unique_device.cache_clear()
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import Project, colours_yaml, png_bytes
 from PIL import Image
-from tinynet import COLOURS, colour_state_dict
+from tinynet import COLOURS, colour_net, colour_state_dict
 
 from reloader.config import ModelConfig, load_config
 from reloader.errors import ConfigError
@@ -277,6 +277,27 @@ def test_once_a_bf16_weights_form_serves_the_fp32_module_is_freed(project: Proje
     assert judged.report.passed and judged.report.form == "weights"
     assert prepared and prepared[0]() is None, "the fp32 module outlived the check"
     assert all(p.dtype == torch.bfloat16 for p in judged.module.parameters())
+
+
+def test_an_int8_form_and_what_built_it_are_freed_once_dropped(project: Project):
+    """torch's FX quantization caches every module it sees: without clearing that, each reload kept one."""
+    import gc
+    import weakref
+
+    from reloader.precision import int8_static
+
+    net = colour_net().eval()
+    net.load_state_dict(colour_state_dict())
+    fp32 = prepare_module(net, configure(project, "fp32"))
+    calibration = (torch.eye(3) * 0.8 + 0.1)[:, :, None, None].expand(3, 3, 8, 8)  # red, green, blue
+    int8 = int8_static(fp32, calibration)
+    shared = {id(m) for m in fp32.modules()}  # the layers FX left in fp32 are fp32's own
+    refs = [weakref.ref(m) for m in (int8, *int8.modules()) if id(m) not in shared]
+    assert len(refs) > 2
+    assert int8(calibration).argmax(1).tolist() == [0, 1, 2]
+    del int8
+    gc.collect()
+    assert [r() for r in refs if r() is not None] == []
 
 
 def test_a_form_that_fails_at_the_full_batch_is_not_offered_and_auto_serves_fp32(project: Project, monkeypatch):
