@@ -140,8 +140,9 @@ def int8_static(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
     kernels, which use VNNI and AMX-INT8), its activation ranges observed on `calibration`.
 
     torch 2.14 no longer ships PT2E (torch.ao.quantization.quantize_pt2e). torchao 0.18's runs on resnets
-    with a workaround, but each build keeps about 53 MiB after it is dropped, and the gate builds one per
-    checkpoint (bench/pt2e.py): FX mode is the int8 path that serves.
+    with a workaround, but a form built while the previous one serves keeps about 4 MiB once dropped even
+    after undoing every holder found (53 MiB without), and the gate builds one per checkpoint
+    (bench/pt2e.py): FX mode is the int8 path that serves.
     The fp32 module is left as it is: the quantized module holds its own int8 weights."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.fx.utils import assert_and_get_unique_device
