@@ -21,7 +21,7 @@ from reloader.precision import FORMS, FP32, build, compare
 from .client import measure
 from .inprocess import SPEEDUP_BATCH, _model_config
 from .reloads import SwapRun
-from .servers import Server
+from .servers import Server, status_kib
 from .workload import MODEL, NUM_CLASSES
 
 
@@ -84,7 +84,35 @@ def demo_agreement(tmp: Path, epochs: int) -> dict[str, Any]:
         agreement, delta, moved = compare(p, probs[FP32])
         accuracy = float((p.argmax(dim=1) == labels).float().mean())
         rows[f] = {"accuracy": accuracy, "agreement": agreement, "max_prob_delta": delta, "moved": len(moved)}
-    return {"epochs": epochs, "train_s": train_s, "images": len(labels), "rows": rows}
+    return {
+        "epochs": epochs,
+        "train_s": train_s,
+        "images": len(labels),
+        "rows": rows,
+        "gate_memory": gate_memory(checkpoint),
+    }
+
+
+def gate_memory(checkpoint: Path, judgements: int = 6) -> dict[str, Any]:
+    """The demo's own config (precision: auto with its evaluation set, so int8 is built and proven each time)
+    judging one checkpoint again and again in this process: RSS once each judgement is dropped, as a reload's is."""
+    import gc
+
+    from reloader.config import load_config
+    from reloader.gate import Gate
+    from reloader.memory import trim
+
+    config = load_config(Path(__file__).parents[1] / "config" / "models.yaml").models["shapes"]
+    gate = Gate("shapes", config, prepare_module)
+    rss, int8_built = [], True
+    for _ in range(judgements):
+        judged = gate.judge(checkpoint)
+        int8_built &= any(v.precision == "int8" and not v.detail.startswith("skipped") for v in judged.report.variants)
+        del judged
+        gc.collect()
+        trim()
+        rss.append(status_kib(os.getpid(), "VmRSS") / 1024)
+    return {"rss_mib": rss, "checkpoint_mib": checkpoint.stat().st_size / 2**20, "int8_built": int8_built}
 
 
 def side_by_side(fp32: Server, auto: Server, images: list[bytes], rounds: int, duration: float, warmup: float) -> dict:
@@ -267,6 +295,17 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
         None,
         "not measured here (no native bf16)" if worst is None else worst >= 0.995,
     )
+    mem = p["agreement"].get("gate_memory")
+    if mem:
+        rss, size = mem["rss_mib"], mem["checkpoint_mib"]
+        add(
+            f"auto with the demo's evaluation set, one checkpoint judged {len(rss)} times in a row (int8 "
+            f"{'built and proven each time' if mem['int8_built'] else 'not built here'}): RSS growth after the "
+            f"first judgement <= the checkpoint's size ({size:.0f} MiB)",
+            f"{rss[0]:.0f} to {rss[-1]:.0f} MiB",
+            (rss[-1] - rss[0]) / size,
+            rss[-1] - rss[0] <= size,
+        )
     run: SwapRun = p["swaps"]
     failed = run.extra["all"].errors + run.extra["all"].n503
     add(f"auto, swaps under load: 0 failed requests ({len(run.drops)} drops)", f"{failed} failed", None, failed == 0)
