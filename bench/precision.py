@@ -96,11 +96,9 @@ def demo_agreement(tmp: Path, epochs: int) -> dict[str, Any]:
 def gate_memory(checkpoint: Path, judgements: int = 6) -> dict[str, Any]:
     """The demo's own config (precision: auto with its evaluation set, so int8 is built and proven each time)
     judging one checkpoint again and again in this process: RSS once each judgement is dropped, as a reload's is."""
-    import gc
-
     from reloader.config import load_config
     from reloader.gate import Gate
-    from reloader.memory import trim
+    from reloader.memory import release
 
     config = load_config(Path(__file__).parents[1] / "config" / "models.yaml").models["shapes"]
     gate = Gate("shapes", config, prepare_module)
@@ -109,8 +107,7 @@ def gate_memory(checkpoint: Path, judgements: int = 6) -> dict[str, Any]:
         judged = gate.judge(checkpoint)
         int8_built &= any(v.precision == "int8" and not v.detail.startswith("skipped") for v in judged.report.variants)
         del judged
-        gc.collect()
-        trim()
+        release()
         rss.append(status_kib(os.getpid(), "VmRSS") / 1024)
     return {"rss_mib": rss, "checkpoint_mib": checkpoint.stat().st_size / 2**20, "int8_built": int8_built}
 

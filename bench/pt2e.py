@@ -23,7 +23,6 @@ serves, as a reload goes. What is left in the third is what still stands in the 
 
 from __future__ import annotations
 
-import gc
 import os
 import statistics
 import sys
@@ -35,8 +34,8 @@ import torch
 import torchvision
 from torch import fx, nn
 
+from reloader import memory
 from reloader.hardware import Hardware
-from reloader.memory import trim
 from reloader.optimize import prepare_module
 from reloader.precision import build, compare
 
@@ -168,8 +167,7 @@ def main() -> None:
                     form(x)
                 serving = form
             del form
-            gc.collect()
-            trim()
+            memory.release()
             rss.append(status_kib(os.getpid(), "VmRSS") / 1024)
         del serving
         steps = [b - a for a, b in zip(rss, rss[1:], strict=False)]
