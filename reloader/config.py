@@ -66,6 +66,10 @@ class Preprocess(_Frozen):
     max_pixels: int = Field(default=40_000_000, gt=0, le=89_478_485)
     # All the images of one request together (a v2 batch): over this, 413 before any is decoded.
     max_request_pixels: int = Field(default=100_000_000, gt=0, le=10_000_000_000)
+    # A JPEG whose short side is at least twice `draft_gap` x `resize` is decoded at 1/2, 1/4 or 1/8 of its
+    # size (Pillow's draft: libjpeg scales in the DCT), its short side kept at `draft_gap` x `resize` or more,
+    # 2 as in Pillow's thumbnail(); null decodes every image at full size.
+    draft_gap: float | None = Field(default=2.0, ge=1.0, le=64.0)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (
         IMAGENET_STD

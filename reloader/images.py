@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import torch
@@ -62,8 +63,12 @@ def stack_images(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.permute(1, 2, 0) for t in tensors]).permute(0, 3, 1, 2)
 
 
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Decode any mode Pillow reads, apply EXIF orientation, return RGB; InvalidImage otherwise."""
+def decode_image(data: bytes, max_pixels: int | None = None, short_side: float | None = None) -> Image.Image:
+    """Decode any mode Pillow reads, apply EXIF orientation, return RGB; InvalidImage otherwise.
+
+    With `short_side`, a JPEG whose short side is at least twice that is decoded at the smallest of 1/2,
+    1/4 or 1/8 of its size that keeps it (Pillow's `draft`: libjpeg scales in the DCT, so a 12 MP photo
+    costs a fraction of its full decode). Other formats decode at full size."""
     if not data:
         raise InvalidImage("empty body: send the image bytes")
     try:
@@ -77,6 +82,10 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
                 f"decompression bomb refused: {width}x{height} pixels exceeds the limit of {limit} pixels "
                 "(preprocess.max_pixels)"
             )
+        if short_side is not None and short_side * 2 <= min(width, height):
+            # Each side at least `short_side / short` of itself; Pillow picks the largest scale that keeps it.
+            ratio = short_side / min(width, height)
+            img.draft(None, (math.ceil(width * ratio), math.ceil(height * ratio)))
         img.load()
         # In place: exif_transpose otherwise returns a copy even when there is nothing to turn, and every
         # decode would hold the image twice.
@@ -101,7 +110,8 @@ class Preprocessor:
     was as costly as the JPEG decode); and a 177-byte PNG of 100000x1 pixels costs a 224x224 resample,
     not 25,600,000x256. The box's corners are fractions, so one value in about 7,000 of the bench's
     photos (a few in 1,000 of random noise) comes out one level of 255 off torchvision's Resize +
-    CenterCrop (tests/test_images.py)."""
+    CenterCrop (tests/test_images.py). A JPEG at least twice `draft_gap` x `resize` on its short side is
+    decoded smaller first (decode_image), as Pillow's thumbnail() does."""
 
     def __init__(self, spec: Preprocess) -> None:
         self.spec = spec
@@ -141,7 +151,12 @@ class Preprocessor:
         return self(Image.fromarray(rgb.transpose(1, 2, 0).astype(np.uint8), mode="RGB"))
 
     def load(self, data: bytes) -> torch.Tensor:
-        img = decode_image(data, min(self.spec.max_pixels, self.spec.max_request_pixels))
+        gap = self.spec.draft_gap
+        img = decode_image(
+            data,
+            min(self.spec.max_pixels, self.spec.max_request_pixels),
+            None if gap is None else gap * self.spec.resize,
+        )
         large = img.width * img.height >= TRIM_PIXELS
         tensor = self(img)
         if large:  # its pages back to the OS now, not at the next swap (a few ms, against its decode's 100+)
