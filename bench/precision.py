@@ -89,6 +89,7 @@ def demo_agreement(tmp: Path, epochs: int) -> dict[str, Any]:
         "train_s": train_s,
         "images": len(labels),
         "rows": rows,
+        "checkpoint": str(checkpoint),
         "gate_memory": gate_memory(checkpoint),
     }
 

@@ -14,7 +14,7 @@ import torch
 
 from reloader.hardware import Hardware
 
-from . import large, precision
+from . import large, precision, uploads
 from .inprocess import RELOADER_FORWARD
 from .reloads import SwapRun, swap_timings
 
@@ -323,6 +323,12 @@ def write_results(path: Path, d: dict[str, Any]) -> None:
         "## 1. The limit, in process (no server)",
         "",
         *_limit_tables(d),
+        "",
+        "## 1b. Large uploads (issue 11)",
+        "",
+        *uploads.report_lines(d["uploads"]),
+        "",
+        *uploads.targets(d["uploads"]),
         "",
         "## 2-3. reloader and peers by concurrency",
         "",

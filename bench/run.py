@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import canary, fleet, inprocess, large, precision, reloads, servers, workload
+from . import canary, fleet, inprocess, large, precision, reloads, servers, uploads, workload
 from .client import measure
 from .report import write_results
 
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         table = limit.table(args.rounds)
         speedups = inprocess.speedups(base, args.rounds)
         batch = table["best_batch"]
+        _phase("1b. large uploads: JPEGs decoded at reduced size against at full size")
+        uploads_run: dict[str, Any] = {"decode": uploads.decode_table(args.rounds)}
 
         _phase("2-3. reloader and its peers at each concurrency, one server at a time")
         levels: list[dict[str, Any]] = []
@@ -227,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         _phase("7. precision: bf16 forms in process, their agreement, and auto served next to LitServe bf16")
         prec: dict[str, Any] = {"forward": precision.forward_table(base, args.rounds)}
         prec["agreement"] = precision.demo_agreement(tmp, epochs=1 if args.quick else 2)
+        uploads_run["demo"] = uploads.demo_answers(Path(prec["agreement"]["checkpoint"]))
         folder = fresh_folder("auto")
         config = workload.reloader_config(folder.parent, folder, queue_size=QUEUE_SIZE, precision="auto")
         with servers.reloader(config, logs, "reloader auto") as server:
@@ -297,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 "initial_sha": workload.sha256(initial),
                 "sha_ms": sha_ms,
                 "table": table,
+                "uploads": uploads_run,
                 "speedups": speedups,
                 "levels": levels,
                 "started_in": started_in,
