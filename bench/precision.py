@@ -114,21 +114,25 @@ def gate_memory(checkpoint: Path, judgements: int = 6) -> dict[str, Any]:
 
 
 def side_by_side(fp32: Server, auto: Server, images: list[bytes], rounds: int, duration: float, warmup: float) -> dict:
-    """fp32 and auto served at c=16 in alternating turns (fp32, auto, auto, fp32, ...), the server not measured
-    frozen: the 2.5x target's two sides, measured minutes apart in the other sections, saw the machine drift
-    by up to 29 % between them, and bf16's speed more than fp32's."""
-    turns: dict[str, list[dict[str, Any]]] = {"fp32": [], "auto": []}
-    both = {"fp32": fp32, "auto": auto}
+    """fp32 and auto served at c=16 in alternating turns: the 2.5x target's two sides, measured minutes apart in
+    the other sections, saw the machine drift by up to 29 % between them, and bf16's speed more than fp32's."""
+    return alternating({"fp32": fp32, "auto": auto}, images, rounds, duration, warmup)
+
+
+def alternating(both: dict[str, Server], images: list[bytes], rounds: int, duration: float, warmup: float) -> dict:
+    """Two servers at c=16 in alternating turns (a, b, b, a, ...), the one not measured frozen; `ratio` is b / a."""
+    a, b = both
+    turns: dict[str, list[dict[str, Any]]] = {a: [], b: []}
     for r in range(rounds):
-        for name in ("fp32", "auto") if r % 2 == 0 else ("auto", "fp32"):
-            with both["auto" if name == "fp32" else "fp32"].paused():
+        for name in (a, b) if r % 2 == 0 else (b, a):
+            with both[b if name == a else a].paused():
                 result = measure(both[name].base + f"/models/{MODEL}/predict", images, 16, duration, warmup)
             turns[name].append(result.summary())
     img_s = {name: statistics.median(t["img_s"] for t in ts) for name, ts in turns.items()}
     return {
         "turns": turns,
         "img_s": img_s,
-        "ratio": img_s["auto"] / img_s["fp32"],
+        "ratio": img_s[b] / img_s[a],
         "failed": sum(t["errors"] + t["n503"] for ts in turns.values() for t in ts),
     }
 

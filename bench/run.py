@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         batch = table["best_batch"]
         _phase("1b. large uploads: JPEGs decoded at reduced size against at full size")
         uploads_run: dict[str, Any] = {"decode": uploads.decode_table(args.rounds)}
+        uploads_run["served"] = uploads.served(fresh_folder, logs, args.rounds, args.duration, args.warmup)
+        _log(f"12 MP photos served, draft_gap 2 / full size: {uploads_run['served']['ratio']:.2f}x")
 
         _phase("2-3. reloader and its peers at each concurrency, one server at a time")
         levels: list[dict[str, Any]] = []

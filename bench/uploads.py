@@ -3,9 +3,11 @@ against at full size (`draft_gap: null`), in process; and what it changes in the
 
 from __future__ import annotations
 
+import contextlib
 import io
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,10 @@ from reloader.images import Preprocessor, decode_image, stack_images
 from reloader.optimize import prepare_module
 from reloader.precision import compare
 
+from . import servers
 from .inprocess import _model_config
+from .precision import alternating
+from .workload import reloader_config
 
 SIZES = ((1920, 1080), (4032, 3024))  # a full-HD frame; a 12 MP phone photo
 PHOTOS = 3
@@ -88,6 +93,18 @@ def decode_table(rounds: int) -> list[dict[str, Any]]:
     return rows
 
 
+def served(folder_for: Callable[[str], Path], logs: Path, rounds: int, duration: float, warmup: float) -> dict:
+    """reloader with `precision: auto`, draft_gap null and 2, side by side at c=16 on five 12 MP photos."""
+    photos = [photo(*SIZES[-1], seed) for seed in range(5)]
+    both = {}
+    with contextlib.ExitStack() as stack:
+        for name, gap in (("full size", None), ("draft_gap 2", 2.0)):
+            folder = folder_for(f"uploads-{gap}")
+            config = reloader_config(folder.parent, folder, queue_size=32, precision="auto", draft_gap=gap)
+            both[name] = stack.enter_context(servers.reloader(config, logs, f"reloader auto, {name}"))
+        return {"photos": len(photos), **alternating(both, photos, rounds, duration, warmup)}
+
+
 def demo_answers(checkpoint: Path) -> dict[str, Any]:
     """The demo's model (the checkpoint section 7 trained) on its held-out images uploaded DEMO_SIDE pixels
     square: its answers with the demo config's preprocessing, drafted (as served) against at full size."""
@@ -145,6 +162,17 @@ def report_lines(d: dict[str, Any]) -> list[str]:
             f"| {r['size']} | {r['kib']} KiB | {r['decoded']} | {r['full_ms']:.1f} | {r['drafted_ms']:.1f} | "
             f"{r['speedup']:.2f}x | {r['max_levels']:.0f} | {r['mean_levels']:.2f} | {100 * r['over_2']:.2f} % |"
         )
+    sv = d.get("served")
+    if sv is not None:
+        (full, full_s), (drafted, drafted_s) = sv["img_s"].items()
+        out += [
+            "",
+            f"Served: two reloaders (`precision: auto`), {full} and {drafted}, at c=16 on {sv['photos']} photos of "
+            f"12 MP each, in alternating turns, the other frozen: {drafted_s:.1f} against {full_s:.1f} img/s, "
+            f"{sv['ratio']:.2f}x; p99 "
+            + " against ".join(f"{statistics.median(t['p99_ms'] for t in sv['turns'][k]):.0f}" for k in (drafted, full))
+            + f" ms; {sv['failed']} failed.",
+        ]
     demo = d.get("demo")
     if demo is not None:
         acc = demo["accuracy"]
@@ -170,6 +198,13 @@ def targets(d: dict[str, Any]) -> list[str]:
         f"full size | {twelve['drafted_ms']:.1f} vs {twelve['full_ms']:.1f} ms | {twelve['speedup']:.2f}x | "
         f"{'PASS' if twelve['speedup'] >= TARGET_SPEEDUP else 'FAIL'} |",
     ]
+    sv = d.get("served")
+    if sv is not None:
+        (full, full_s), (drafted, drafted_s) = sv["img_s"].items()
+        rows.append(
+            f"| 12 MP photos served at c=16 (auto), {drafted} vs {full}, reported | {drafted_s:.1f} vs {full_s:.1f} "
+            f"img/s, {sv['failed']} failed | {sv['ratio']:.2f}x | reported |"
+        )
     demo = d.get("demo")
     if demo is not None:
         ok = demo["agreement"] >= TARGET_AGREEMENT

@@ -129,7 +129,13 @@ def write_in_place(path: Path, data: bytes, chunk: int = 1 << 20, pause_s: float
 
 
 def reloader_config(
-    root: Path, checkpoints: Path, *, queue_size: int, precision: str = "fp32", optimize: str = "none"
+    root: Path,
+    checkpoints: Path,
+    *,
+    queue_size: int,
+    precision: str = "fp32",
+    optimize: str = "none",
+    draft_gap: float | None = 2.0,
 ) -> Path:
     """The reloader defaults for resnet18, plus a bounded queue small enough for c=64 to reach it."""
     path = root / "models.yaml"
@@ -146,7 +152,7 @@ def reloader_config(
         f"    num_classes: {NUM_CLASSES}\n"
         "    labels: imagenet\n"
         f"    checkpoints: {checkpoints}\n"
-        "    preprocess: {resize: 256, crop: 224}\n"
+        f"    preprocess: {{resize: 256, crop: 224, draft_gap: {'null' if draft_gap is None else draft_gap}}}\n"
         f"    batch: {{max_size: 8, max_wait_ms: 2, queue_size: {queue_size}}}\n"
         f"    precision: {precision}\n"
         f"    optimize: {optimize}\n"
