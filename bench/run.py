@@ -196,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         batch = table["best_batch"]
         _phase("1b. large uploads: JPEGs decoded at reduced size against at full size")
         uploads_run: dict[str, Any] = {"decode": uploads.decode_table(args.rounds)}
-        uploads_run["served"] = uploads.served(fresh_folder, logs, args.rounds, args.duration, args.warmup)
-        _log(f"12 MP photos served, draft_gap 2 / full size: {uploads_run['served']['ratio']:.2f}x")
 
         _phase("2-3. reloader and its peers at each concurrency, one server at a time")
         levels: list[dict[str, Any]] = []
@@ -231,7 +229,6 @@ def main(argv: list[str] | None = None) -> int:
         _phase("7. precision: bf16 forms in process, their agreement, and auto served next to LitServe bf16")
         prec: dict[str, Any] = {"forward": precision.forward_table(base, args.rounds)}
         prec["agreement"] = precision.demo_agreement(tmp, epochs=1 if args.quick else 2)
-        uploads_run["demo"] = uploads.demo_answers(Path(prec["agreement"]["checkpoint"]))
         folder = fresh_folder("auto")
         config = workload.reloader_config(folder.parent, folder, queue_size=QUEUE_SIZE, precision="auto")
         with servers.reloader(config, logs, "reloader auto") as server:
@@ -277,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
             prec["large"] = large.measure(tmp, logs, servers.reloader)
         except (TimeoutError, RuntimeError, OSError) as exc:  # a failed phase keeps the rest of the run
             prec["large"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+        # Section 1b's served half and the demo's answers: after the sections above, so that its two servers
+        # decoding 12 MP photos do not run just before them.
+        _phase("1b-served. large uploads: 12 MP photos at c=16, drafted and at full size; the demo's answers")
+        uploads_run["served"] = uploads.served(fresh_folder, logs, args.rounds, args.duration, args.warmup)
+        _log(f"12 MP photos served, draft_gap 2 / full size: {uploads_run['served']['ratio']:.2f}x")
+        uploads_run["demo"] = uploads.demo_answers(Path(prec["agreement"]["checkpoint"]))
 
         _phase("9. a fleet: 3 replicas behind nginx, checkpoints from S3 (moto); uploads and a rolling restart")
         try:
