@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from reloader.architectures import build_model
 from reloader.checkpoints import load_checkpoint
 from reloader.config import Preprocess, load_config
-from reloader.images import Preprocessor, decode_image, stack_images
+from reloader.images import Preprocessor, stack_images
 from reloader.optimize import prepare_module
 from reloader.precision import compare
 
@@ -81,7 +81,7 @@ def decode_table(rounds: int) -> list[dict[str, Any]]:
             {
                 "size": f"{width}x{height}",
                 "kib": round(statistics.mean(len(d) for d in uploads) / 1024),
-                "decoded": "x".join(map(str, decode_image(uploads[0], None, spec.draft_gap * spec.resize).size)),
+                "decoded": "x".join(map(str, drafted.decode(uploads[0]).size)),
                 "full_ms": full_ms,
                 "drafted_ms": drafted_ms,
                 "speedup": full_ms / drafted_ms,
@@ -137,7 +137,7 @@ def demo_answers(checkpoint: Path) -> dict[str, Any]:
     return {
         "images": len(labels),
         "side": DEMO_SIDE,
-        "decoded": "x".join(map(str, decode_image(data, None, spec.draft_gap * spec.resize).size)),
+        "decoded": "x".join(map(str, drafted.decode(data).size)),
         "agreement": agreement,
         "max_prob_delta": delta,
         "moved": len(moved),

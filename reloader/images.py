@@ -150,13 +150,17 @@ class Preprocessor:
         rgb = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side))])
         return self(Image.fromarray(rgb.transpose(1, 2, 0).astype(np.uint8), mode="RGB"))
 
-    def load(self, data: bytes) -> torch.Tensor:
+    def decode(self, data: bytes) -> Image.Image:
+        """The upload as this spec decodes it: under its pixel limits, a large JPEG at reduced size."""
         gap = self.spec.draft_gap
-        img = decode_image(
+        return decode_image(
             data,
             min(self.spec.max_pixels, self.spec.max_request_pixels),
             None if gap is None else gap * self.spec.resize,
         )
+
+    def load(self, data: bytes) -> torch.Tensor:
+        img = self.decode(data)
         large = img.width * img.height >= TRIM_PIXELS
         tensor = self(img)
         if large:  # its pages back to the OS now, not at the next swap (a few ms, against its decode's 100+)
