@@ -142,9 +142,9 @@ class ModelConfig(_Frozen):
     warmup: Warmup = Warmup()
     batch: BatchConfig = BatchConfig()
     optimize: Literal["none", "compile"] = "none"
-    # fp32 serves as trained; bf16 and int8 only where the hardware runs them natively; auto: the fastest
-    # form the gate proves keeps the answers (see `fidelity`), and fp32 when none is at least 1.1x as fast.
-    precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
+    # fp32 serves as trained; bf16, fp16 (CUDA) and int8 only where the hardware runs them natively; auto: the
+    # fastest form the gate proves keeps the answers (see `fidelity`), and fp32 when none is 1.1x as fast.
+    precision: Literal["fp32", "bf16", "fp16", "int8", "auto"] = "fp32"
     # cpu by default: a GPU is opted into (a trainer on the same machine may be using it); auto: cuda if any.
     device: str = Field(default="cpu", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     fidelity: Fidelity = Fidelity()

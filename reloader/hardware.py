@@ -1,7 +1,9 @@
 """What this machine can run fast: the CPU's instruction sets and the CUDA devices, read once.
 
 bf16 on a CPU without native bf16 instructions is far slower than fp32 (pytorch#183815: seconds per
-convolution on AVX2), and int8 is fast only with VNNI; so each is offered only where the hardware has it.
+convolution on AVX2), so it is offered only where the CPU has it. int8 is offered only with VNNI or
+AMX-INT8, as issue 11 asks (on an AVX2 EPYC without either, FX int8 still ran resnet18 at 1.76x fp32:
+bench/README.md), and fp16 only on CUDA, from Volta's tensor cores on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class Hardware:
     cpu_model: str
     cpu_flags: frozenset[str]
     cuda_devices: int
+    cuda_capabilities: tuple[tuple[int, int], ...] = ()  # (major, minor) of each CUDA device, in order
 
     @staticmethod
     @cache
@@ -36,7 +39,8 @@ class Hardware:
                 model = value.strip()
             elif key.strip() == "flags" and not flags:
                 flags = frozenset(value.split())
-        return Hardware(model, flags, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return Hardware(model, flags, count, tuple(torch.cuda.get_device_capability(i) for i in range(count)))
 
     def device(self, wanted: str) -> str:
         """The torch device a config's `device` names here; ValueError with the reason when there is none."""
@@ -61,9 +65,12 @@ class Hardware:
                 return None
             return f"int8 needs a CPU with VNNI or AMX-INT8, and this {self.cpu_model} has neither"
         if device.startswith("cuda"):
-            # Native bf16 from Ampere (8.0) on; older GPUs only emulate it, slower than fp32.
-            major, minor = torch.cuda.get_device_capability(int(device.partition(":")[2] or 0))
-            return None if major >= 8 else f"{device} (compute capability {major}.{minor}) has no native bf16"
+            # Native bf16 from Ampere (8.0) on, older GPUs only emulate it; fp16 tensor cores from Volta (7.0).
+            major, minor = self.cuda_capabilities[int(device.partition(":")[2] or 0)]
+            needs, what = {"bf16": (8, "native bf16"), "fp16": (7, "fp16 tensor cores")}[precision]
+            return None if major >= needs else f"{device} (compute capability {major}.{minor}) has no {what}"
+        if precision == "fp16":
+            return "fp16 is offered on CUDA only: on a CPU, bf16 is the half precision with native instructions"
         if set(BF16_FLAGS) & self.cpu_flags:
             return None
         return (

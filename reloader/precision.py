@@ -42,9 +42,10 @@ AUTO_NO_INT8 = (
 TIMED_ROUNDS = 5
 Form = tuple[str, str]  # (precision, form): ("bf16", "autocast")
 FP32: Form = ("fp32", "eager")
-# bf16 has two forms; which one is faster depends on the model and the machine, so both are measured.
-# int8 is static quantization, calibrated on the golden images.
-FORMS: dict[str, tuple[str, ...]] = {"bf16": ("autocast", "weights"), "int8": ("static",)}
+# bf16 and fp16 have two forms each; which one is faster depends on the model and the machine, so both
+# are measured. int8 is static quantization, calibrated on the golden images.
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FORMS: dict[str, tuple[str, ...]] = {**{half: ("autocast", "weights") for half in HALF}, "int8": ("static",)}
 
 
 @dataclass(frozen=True)
@@ -70,23 +71,25 @@ class _Around(nn.Module):
         self.inner = inner
 
 
-class Autocast(_Around):
-    """fp32 weights, bf16 compute wherever autocast deems it safe; fp32 scores out."""
-
-    def __init__(self, inner: nn.Module, device_type: str) -> None:
+class _Half(_Around):
+    def __init__(self, inner: nn.Module, dtype: torch.dtype, device_type: str = "cpu") -> None:
         super().__init__(inner)
-        self.device_type = device_type
+        self.dtype, self.device_type = dtype, device_type
+
+
+class Autocast(_Half):
+    """fp32 weights, half-precision (`dtype`) compute wherever autocast deems it safe; fp32 scores out."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+        with torch.autocast(self.device_type, dtype=self.dtype):
             return self.inner(x).float()
 
 
-class CastInput(_Around):
-    """bf16 weights: the batch goes in as bf16, the scores come out as fp32."""
+class CastInput(_Half):
+    """Half-precision weights: the batch goes in cast to their `dtype`, the scores come out as fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.to(torch.bfloat16)).float()
+        return self.inner(x.to(self.dtype)).float()
 
 
 class OnDevice(_Around):
@@ -106,12 +109,12 @@ def served(module: nn.Module, device: str) -> nn.Module:
     return module if device == "cpu" else OnDevice(module, device)
 
 
-def bf16_copy(module: nn.Module) -> nn.Module:
-    """A copy whose floating-point weights and buffers are bf16, made one tensor at a time (no fp32 copy)."""
+def half_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy whose floating-point weights and buffers are `dtype`, made one tensor at a time (no fp32 copy)."""
     memo: dict[int, object] = {}
     for t in itertools.chain(module.parameters(), module.buffers()):
         if t.is_floating_point() and id(t) not in memo:
-            half = t.detach().to(torch.bfloat16)
+            half = t.detach().to(dtype)
             memo[id(t)] = nn.Parameter(half, requires_grad=False) if isinstance(t, nn.Parameter) else half
     return copy.deepcopy(module, memo)
 
@@ -121,15 +124,17 @@ def build(
 ) -> nn.Module:
     """One form of `fp32` (the prepared module, on `device`), as serving calls it.
 
-    With `compile_side` (optimize: compile), the bf16 forms are compiled like fp32 (optimize.compile_module)
-    from the eager module under it, so what is proven and timed is what serves; int8 stays as FX made it."""
+    With `compile_side` (optimize: compile), the bf16 and fp16 forms are compiled like fp32
+    (optimize.compile_module) from the eager module under it, so what is proven and timed is what serves;
+    int8 stays as FX made it."""
     eager = getattr(fp32, "_orig_mod", fp32)
     if (precision, form) == ("int8", "static"):
         return int8_static(eager, calibration)
-    if (precision, form) == ("bf16", "autocast"):
-        inner: nn.Module = Autocast(eager, device.split(":")[0])
-    elif (precision, form) == ("bf16", "weights"):
-        inner = CastInput(bf16_copy(eager))
+    dtype = HALF.get(precision)
+    if dtype is not None and form == "autocast":
+        inner: nn.Module = Autocast(eager, dtype, device.split(":")[0])
+    elif dtype is not None and form == "weights":
+        inner = CastInput(half_copy(eager, dtype), dtype)
     else:
         raise ValueError(f"unknown form {form!r} of {precision}")
     return served(inner if compile_side is None else compile_module(inner, compile_side), device)
@@ -238,7 +243,8 @@ def choose(
         raise CheckpointRejected("fidelity", "fp32 answers the golden images with NaN or inf in a batch")
     proven: list[VariantResult] = []
     modules: dict[Form, nn.Module] = {}
-    for precision in ("bf16", "int8") if auto else (config.precision,):
+    # fp16 only where it may run (CUDA): on a CPU it would be one more row saying so in every report.
+    for precision in (("bf16", "int8") if device == "cpu" else tuple(FORMS)) if auto else (config.precision,):
         unproven = auto and precision == "int8" and evidence.held_out < MIN_HELD_OUT
         why = hw.why_not(precision, device) or (AUTO_NO_INT8 if unproven else None)
         if why is not None:

@@ -68,7 +68,7 @@ class ValidationReport:
     started_at: float
     total_ms: float
     precision: str = "fp32"  # what serves, when it passed
-    form: str = "eager"  # how that precision runs (bf16: "autocast" or "weights")
+    form: str = "eager"  # how that precision runs (bf16, fp16: "autocast" or "weights")
     device: str = "cpu"
     variants: tuple[VariantResult, ...] = ()
     evaluation: EvaluationResult | None = None

@@ -141,6 +141,7 @@ MEANINGFUL = [
     "auto",
     "cuda:99",
     "bf16",
+    "fp16",
     "compile",
 ]
 VALUES = st.recursive(

@@ -15,7 +15,7 @@ from reloader.errors import ConfigError
 from reloader.gate import Gate
 from reloader.hardware import Hardware
 from reloader.optimize import prepare_module
-from reloader.precision import AUTO_MIN_SPEEDUP, bf16_copy, pick
+from reloader.precision import AUTO_MIN_SPEEDUP, build, half_copy, pick
 from reloader.report import VariantResult
 
 EPYC = Hardware("AMD EPYC 7B13", frozenset({"avx2", "fma"}), 0)
@@ -71,6 +71,43 @@ def test_bf16_is_offered_only_on_a_cpu_with_native_bf16():
     why = EPYC.why_not("bf16", "cpu")
     assert why is not None and "AMX-BF16 or AVX512-BF16" in why and "AMD EPYC 7B13" in why and "slower" in why
     assert EPYC.why_not("fp32", "cpu") is None
+
+
+def test_fp16_is_offered_on_cuda_from_volta_on_and_never_on_a_cpu():
+    gpus = Hardware("x", frozenset(), 3, ((8, 0), (7, 0), (6, 1)))
+    assert gpus.why_not("fp16", "cuda") is None and gpus.why_not("fp16", "cuda:1") is None
+    assert gpus.why_not("fp16", "cuda:2") == "cuda:2 (compute capability 6.1) has no fp16 tensor cores"
+    assert gpus.why_not("bf16", "cuda:0") is None
+    assert gpus.why_not("bf16", "cuda:1") == "cuda:1 (compute capability 7.0) has no native bf16"
+    for cpu in (XEON, EPYC):
+        assert cpu.why_not("fp16", "cpu") == (
+            "fp16 is offered on CUDA only: on a CPU, bf16 is the half precision with native instructions"
+        )
+
+
+def test_an_explicit_fp16_on_a_cpu_is_refused_with_the_reason(project: Project):
+    with pytest.raises(ConfigError, match=r"models\.colours\.precision: fp16 is offered on CUDA only"):
+        Gate("colours", configure(project, "fp16"), prepare_module, XEON)
+
+
+@pytest.mark.parametrize("form", ["autocast", "weights"])
+def test_each_fp16_form_answers_fp32_scores_with_fp32s_top1(form):
+    """The forms CUDA serves, run here on the CPU (which supports fp16, only slowly): the wrappers, not the kernels."""
+    fp32 = colour_net()
+    fp32.load_state_dict(colour_state_dict())
+    fp32.eval().requires_grad_(False)
+    rows = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    rows[torch.arange(6), torch.arange(6) % 3] += 1.0  # channel i % 3 dominates row i
+    module = build(fp32, "fp16", form, "cpu", rows)
+    computed: list[torch.dtype] = []
+    with torch.inference_mode():
+        reference = fp32(rows)
+        module.inner.fc.register_forward_hook(lambda m, args, out: computed.append(out.dtype))
+        answers = module(rows)
+    assert computed == [torch.float16] and answers.dtype == torch.float32
+    assert answers.argmax(dim=1).tolist() == reference.argmax(dim=1).tolist() == [0, 1, 2, 0, 1, 2]
+    torch.testing.assert_close(answers.softmax(1), reference.softmax(1), atol=0.01, rtol=0)
+    assert {t.dtype for t in module.inner.parameters()} == {torch.float16 if form == "weights" else torch.float32}
 
 
 def test_device_auto_is_the_cpu_without_cuda_and_a_missing_cuda_device_says_what_there_is():
@@ -205,12 +242,13 @@ def test_the_fastest_kept_form_serves_and_auto_asks_for_a_margin_over_fp32(fp32,
     assert (chosen.form if chosen else None) == serves
 
 
-def test_a_bf16_copy_leaves_the_fp32_module_as_it_was():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_copy_leaves_the_fp32_module_as_it_was(dtype):
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    half = bf16_copy(module)
+    half = half_copy(module, dtype)
     assert all(t.dtype == torch.float32 for t in module.state_dict().values() if t.is_floating_point())
-    assert all(t.dtype == torch.bfloat16 for t in half.state_dict().values() if t.is_floating_point())
+    assert all(t.dtype == dtype for t in half.state_dict().values() if t.is_floating_point())
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
     assert half[1].num_batches_tracked is not module[1].num_batches_tracked
 
@@ -226,6 +264,23 @@ def test_on_cuda_the_weights_move_to_the_device_and_the_answers_match_the_cpu(pr
     rows = torch.stack([cpu.preprocessor.load(png_bytes(c)) for c in COLOURS])
     with torch.inference_mode():
         torch.testing.assert_close(cuda.module(rows).softmax(1), cpu.module(rows).softmax(1), atol=0.02, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path needs a CUDA device")
+def test_on_cuda_fp16_is_proven_like_bf16_and_auto_tries_it(project: Project):
+    if torch.cuda.get_device_capability(0) < (7, 0):
+        pytest.skip("fp16 is offered from compute capability 7.0 on; this GPU is older")
+    checkpoint = project.save("colours-v1.pt")
+    cpu = Gate("colours", configure(project, "fp32"), prepare_module).judge(checkpoint)
+    fp16 = Gate("colours", configure(project, "fp16", extra="    device: cuda\n"), prepare_module).judge(checkpoint)
+    assert fp16.report.passed, fp16.report.reason
+    assert (fp16.report.precision, fp16.report.device) == ("fp16", "cuda")
+    assert {v.form for v in fp16.report.variants} == {"autocast", "weights"}
+    rows = torch.stack([cpu.preprocessor.load(png_bytes(c)) for c in COLOURS])
+    with torch.inference_mode():
+        torch.testing.assert_close(fp16.module(rows).softmax(1), cpu.module(rows).softmax(1), atol=0.02, rtol=0)
+    auto = Gate("colours", configure(project, "auto", extra="    device: cuda\n"), prepare_module).judge(checkpoint)
+    assert {("fp16", "autocast"), ("fp16", "weights")} <= {(v.precision, v.form) for v in auto.report.variants}
 
 
 def test_the_daemon_shows_what_precision_serves_in_the_status_and_the_metrics(project: Project, start_daemon):
@@ -341,7 +396,7 @@ def test_an_explicit_bf16_rejected_by_fidelity_keeps_each_forms_numbers_in_the_r
     [
         ("device: gpu", "models.colours.device: string should match pattern"),
         ("device: 'cuda:'", "models.colours.device: string should match pattern"),
-        ("precision: int4", "models.colours.precision: input should be 'fp32', 'bf16', 'int8' or 'auto'"),
+        ("precision: int4", "models.colours.precision: input should be 'fp32', 'bf16', 'fp16', 'int8' or 'auto'"),
         ("fidelity: {min_agreement: 1.5}", "models.colours.fidelity.min_agreement: must be <= 1"),
         ("fidelity: {max_prob_delta: -0.1}", "models.colours.fidelity.max_prob_delta: must be >= 0"),
     ],
