@@ -1,4 +1,5 @@
-"""Give freed model memory back to the OS after a swap, so RSS does not ratchet up with every reload."""
+"""Give freed model memory back after a swap, so RSS does not ratchet up with every reload, and a GPU's
+memory goes back to whatever else runs on it (a trainer, say)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import ctypes
 import ctypes.util
 import gc
 from functools import cache
+
+import torch
 
 
 @cache
@@ -19,9 +22,13 @@ def libc() -> ctypes.CDLL | None:
 
 
 def release() -> None:
-    """Collect cycles, then ask glibc to return free heap pages (large tensors often land in the heap)."""
+    """Collect cycles, then ask glibc to return free heap pages (large tensors often land in the heap), and
+    torch's CUDA allocator the blocks it caches: the old version's weights would otherwise stay reserved
+    on the GPU, out of reach of other processes. A process that never used CUDA does not start it here."""
     gc.collect()
     trim()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def trim() -> None:

@@ -283,6 +283,22 @@ def test_on_cuda_fp16_is_proven_like_bf16_and_auto_tries_it(project: Project):
     assert {("fp16", "autocast"), ("fp16", "weights")} <= {(v.precision, v.form) for v in auto.report.variants}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path needs a CUDA device")
+def test_on_cuda_a_dropped_version_gives_its_gpu_memory_back_at_release(project: Project):
+    from reloader.memory import release
+
+    gate = Gate("colours", configure(project, "fp32", extra="    device: cuda\n"), prepare_module)
+    held, after = [], []
+    for i in range(3):  # the first round also leaves what CUDA keeps for good (cuBLAS's workspace, say)
+        judged = gate.judge(project.save(f"colours-v{i + 1}.pt"))
+        assert judged.report.passed, judged.report.reason
+        held.append(torch.cuda.memory_reserved())
+        del judged
+        release()  # what a swap calls once the old version is dropped
+        after.append(torch.cuda.memory_reserved())
+    assert after[1] == after[2] < held[2]
+
+
 def test_the_daemon_shows_what_precision_serves_in_the_status_and_the_metrics(project: Project, start_daemon):
     from test_metrics import Scrape
 
