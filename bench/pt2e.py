@@ -1,24 +1,30 @@
-"""Why int8 serves through FX and not PT2E: `python -m bench.pt2e` (about 4 minutes; run it alone, like bench).
+"""int8 by PT2E, in the server's process and as the gate builds it: `python -m bench.pt2e` (about 10
+minutes; run it alone, like bench; `--served` runs only the last part, about 5 minutes).
 
-Issue 11 asks for int8 by PT2E (torchao's X86InductorQuantizer, then torch.compile with Inductor's
-freezing). This probe builds that form of reloader's prepared resnet18 the way the gate would (dynamic
-batch, calibrated, compiled for batches 1-8) and prints:
-- its forward speed at batch 8 beside fp32 and the FX int8 form that serves (reloader.precision);
+Issue 11 asks for int8 by PT2E (torchao's X86InductorQuantizer, then Inductor with freezing). First, this
+probe builds that form of reloader's prepared resnet18 in this process, with torch.compile (dynamic
+batch, calibrated, compiled for batches 1-8), and prints:
+- its forward speed at batch 8 beside fp32 and the FX int8 form;
 - its top-1 agreement with fp32 on random inputs;
-- the process's RSS after each of several builds, each dropped before the next: the gate would build one
-  per checkpoint, so RSS that grows with every build grows with every reload.
+- the process's RSS after each of several builds, each dropped before the next: the gate builds one per
+  checkpoint, so RSS that grows with every build grows with every reload.
 
-Two things in torch 2.14 + torchao 0.18 stand in the way, and the probe works around the first:
+Two things in torch 2.14 + torchao 0.18 stand in the way, and both are worked around:
 - X86InductorQuantizer refuses torchvision's resnets ("Input partition has more than one output node"):
   non-strict torch.export records only the module a node came from, and BasicBlock calls its ReLU twice.
-  `one_partition_per_call` gives each call its own source partition.
+  `int8.one_partition_per_call` gives each call its own source partition.
 - Inductor fails to lower oneDNN's weight prepacking (UnsupportedOperatorException:
   onednn.qconv_prepack) under torch.compile(dynamic=True) or options={"freezing": True}; it compiles
   with automatic dynamic shapes and freezing set in inductor's config for the whole process.
 
-The builds are measured three times: as torch leaves them; with `release` undoing every process-wide
-holder found so far (each named there); and with `release`, each built while the previous form still
-serves, as a reload goes. What is left in the third is what still stands in the way.
+The builds in this process are measured three times: as torch leaves them; with `release` undoing every
+process-wide holder found (each named there); and with `release`, each built while the previous form still
+serves, as a reload goes. What is left in the third is why the gate does not build it in its own process.
+
+Last (`served_path`), the form the gate builds: int8.pt2e_int8 exports, quantizes and compiles ahead of
+time (AOTInductor) in a child process, which exits with all of that, and this process loads the package.
+Its build time, answers, speed beside FX, and this process's RSS over builds made while the last one
+serves; and what a package costs per load with its weights inside the compiled library and beside it.
 """
 
 from __future__ import annotations
@@ -26,15 +32,16 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import tempfile
 import time
 import weakref
-from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torchvision
 from torch import fx, nn
 
-from reloader import memory
+from reloader import int8, memory
 from reloader.hardware import Hardware
 from reloader.optimize import prepare_module
 from reloader.precision import build, compare
@@ -45,53 +52,94 @@ from .servers import status_kib
 BUILDS = 6
 
 
-def one_partition_per_call(graph_module: fx.GraphModule) -> None:
-    """Nodes of one module that no data flows between are separate calls: each gets a source of its own."""
-    by_module: dict[tuple[str, type], list[fx.Node]] = defaultdict(list)
-    for node in graph_module.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        if node.op == "call_function" and stack and node.meta.get("source_fn_stack") is None:
-            fqn, kind = list(stack.values())[-1]
-            by_module[(fqn, kind)].append(node)
-    for (fqn, kind), nodes in by_module.items():
-        members, seen, calls = set(nodes), set[fx.Node](), []
-        for start in nodes:
-            if start in seen:
-                continue
-            call, todo = [], [start]
-            while todo:
-                node = todo.pop()
-                if node not in seen:
-                    seen.add(node)
-                    call.append(node)
-                    todo += [n for n in (*node.all_input_nodes, *node.users) if n in members]
-            calls.append(call)
-        for i, call in enumerate(calls if len(calls) > 1 else []):
-            for node in call:
-                node.meta["source_fn_stack"] = [(f"{fqn}#{i}", kind)]
-
-
-def pt2e_int8(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
-    import torch._inductor.config as inductor_config
+def quantized(fp32: nn.Module, calibration: torch.Tensor) -> fx.GraphModule:
+    """fp32 exported with a dynamic batch, quantized by X86InductorQuantizer and calibrated."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
-    side = calibration.shape[1:]
-    example = calibration[:1].expand(2, *side).contiguous(memory_format=torch.channels_last)
+    example = calibration[:1].expand(2, *calibration.shape[1:]).contiguous(memory_format=torch.channels_last)
     exported = torch.export.export(fp32, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=1 << 16)},))
     module = exported.module()
-    one_partition_per_call(module)
+    int8.one_partition_per_call(module)
     quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(module, quantizer)
     with torch.inference_mode():
         prepared(calibration.contiguous(memory_format=torch.channels_last))
-    compiled = torch.compile(convert_pt2e(prepared))
+    return convert_pt2e(prepared)
+
+
+def pt2e_int8(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
+    import torch._inductor.config as inductor_config
+
+    side = calibration.shape[1:]
+    compiled = torch.compile(quantized(fp32, calibration))
     inductor_config.compile_threads = 1
     inductor_config.freezing = True  # for this process: within inductor_config.patch only, batch 8 ran at fp32's speed
     with torch.inference_mode():
         for size in (2, 3, 1):  # a static graph, the dynamic one larger batches reuse, and batch 1's
             compiled(torch.zeros(size, *side).contiguous(memory_format=torch.channels_last))
     return compiled
+
+
+def aoti_loads(fp32: nn.Module, calibration: torch.Tensor, x: torch.Tensor, weights_inside: bool) -> list[float]:
+    """RSS (MiB) after each of several loads of one AOTInductor package of the PT2E form, each dropped before
+    the next, with its weights inside the compiled library (AOTInductor's default) or beside it (int8.py)."""
+    graph = quantized(fp32, calibration)
+    example = calibration[:2].contiguous(memory_format=torch.channels_last)
+    configs = {"freezing": True, "aot_inductor.package_constants_in_so": weights_inside}
+    if not weights_inside:
+        configs["aot_inductor.package_constants_on_disk_format"] = "binary_blob"
+    rss = []
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        path = str(Path(folder) / "int8.pt2")
+        shapes = ({0: torch.export.Dim("batch", min=1, max=8)},)
+        program = torch.export.export(graph, (example,), dynamic_shapes=shapes)
+        torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=configs)
+        for _ in range(BUILDS):
+            package = torch._inductor.aoti_load_package(path)
+            package(x)
+            del package
+            memory.release()
+            rss.append(status_kib(os.getpid(), "VmRSS") / 1024)
+    return rss
+
+
+def served_path(fp32: nn.Module, calibration: torch.Tensor, x: torch.Tensor) -> None:
+    """int8.pt2e_int8, the form the gate builds under `optimize: compile` (in a child process, loaded here):
+    its build time, its answers and speed beside FX int8's, and this process's RSS over several builds,
+    each built while the previous one serves, as reloads go; then what a package's weights cost per load
+    inside the compiled library and beside it."""
+    fx_form = build(fp32, "int8", "static", "cpu", calibration)
+    started = time.perf_counter()
+    pt2e = int8.pt2e_int8(fp32, calibration, len(x))
+    print(f"PT2E int8 (int8.pt2e_int8, a child process): built in {time.perf_counter() - started:.1f} s")
+    times: dict[str, list[float]] = {"FX int8": [], "PT2E int8": []}
+    with torch.inference_mode():
+        agreement, delta, _ = compare(pt2e(x).softmax(dim=1), fp32(x).softmax(dim=1))
+        fx_form(x)
+        for _ in range(5):
+            for name, module in (("FX int8", fx_form), ("PT2E int8", pt2e)):
+                t = time.perf_counter()
+                module(x)
+                times[name].append(time.perf_counter() - t)
+    print(f"  top-1 agreement with fp32 {agreement:.3f}, largest probability difference {delta:.4f}")
+    ratio = statistics.median(times["FX int8"]) / statistics.median(times["PT2E int8"])
+    print(f"  forward, batch {len(x)}: {ratio:.2f}x FX int8")
+    rss = []
+    for _ in range(BUILDS):
+        serving, pt2e = pt2e, int8.pt2e_int8(fp32, calibration, len(x))
+        with torch.inference_mode():
+            serving(x), pt2e(x)
+        del serving
+        memory.release()
+        rss.append(status_kib(os.getpid(), "VmRSS") / 1024)
+    steps = [b - a for a, b in zip(rss, rss[1:], strict=False)]
+    print("  RSS here after each build, each while the last one serves (MiB): " + ", ".join(f"{r:.0f}" for r in rss))
+    print(f"  growth per build: median {statistics.median(steps):.1f} MiB")
+    for inside in (True, False):
+        loads = aoti_loads(fp32, calibration, x, inside)
+        where = "inside the library" if inside else "beside it"
+        print(f"RSS after each load of one package, its weights {where} (MiB): " + ", ".join(f"{r:.0f}" for r in loads))
 
 
 def release(form: nn.Module) -> None:
@@ -135,6 +183,9 @@ def main() -> None:
     calibration = torch.randn(8, 3, 224, 224, generator=gen)
     x = torch.randn(8, 3, 224, 224, generator=gen).contiguous(memory_format=torch.channels_last)
 
+    if "--served" in sys.argv[1:]:  # only the path that serves
+        served_path(fp32, calibration, x)
+        return
     t0 = time.perf_counter()
     pt2e = pt2e_int8(fp32, calibration)
     print(f"PT2E int8 built and compiled for batches 1-8 in {time.perf_counter() - t0:.1f} s")
@@ -173,6 +224,7 @@ def main() -> None:
         steps = [b - a for a, b in zip(rss, rss[1:], strict=False)]
         print(f"RSS after each build, {how} (MiB): " + ", ".join(f"{r:.0f}" for r in rss))
         print(f"growth per build, {how}: median {statistics.median(steps):.1f} MiB")
+    served_path(fp32, calibration, x)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .compute import FORWARD_LOCK, TRACE_LOCK, run_forward, timed_forward
+from . import int8
+from .compute import run_forward, timed_forward
 from .config import ModelConfig
 from .errors import CheckpointRejected
 from .hardware import Hardware
@@ -43,9 +44,11 @@ TIMED_ROUNDS = 5
 Form = tuple[str, str]  # (precision, form): ("bf16", "autocast")
 FP32: Form = ("fp32", "eager")
 # bf16 and fp16 have two forms each; which one is faster depends on the model and the machine, so both
-# are measured. int8 is static quantization, calibrated on the golden images.
+# are measured. int8 is static quantization, calibrated on the golden images: by FX, and under
+# `optimize: compile` also by PT2E (int8.py).
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FORMS: dict[str, tuple[str, ...]] = {**{half: ("autocast", "weights") for half in HALF}, "int8": ("static",)}
+COMPILED_FORMS = {"int8": ("pt2e",)}
 
 
 @dataclass(frozen=True)
@@ -120,16 +123,22 @@ def half_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def build(
-    fp32: nn.Module, precision: str, form: str, device: str, calibration: torch.Tensor, compile_side: int | None = None
+    fp32: nn.Module,
+    precision: str,
+    form: str,
+    device: str,
+    calibration: torch.Tensor,
+    compile_side: int | None = None,
+    max_batch: int = 64,
 ) -> nn.Module:
-    """One form of `fp32` (the prepared module, on `device`), as serving calls it.
+    """One form of `fp32` (the prepared module, on `device`), as serving calls it, for batches up to `max_batch`.
 
     With `compile_side` (optimize: compile), the bf16 and fp16 forms are compiled like fp32
     (optimize.compile_module) from the eager module under it, so what is proven and timed is what serves;
-    int8 stays as FX made it."""
+    int8's forms are what int8.py builds."""
     eager = getattr(fp32, "_orig_mod", fp32)
-    if (precision, form) == ("int8", "static"):
-        return int8_static(eager, calibration)
+    if precision == "int8":
+        return int8.build(eager, form, calibration, max_batch)
     dtype = HALF.get(precision)
     if dtype is not None and form == "autocast":
         inner: nn.Module = Autocast(eager, dtype, device.split(":")[0])
@@ -138,33 +147,6 @@ def build(
     else:
         raise ValueError(f"unknown form {form!r} of {precision}")
     return served(inner if compile_side is None else compile_module(inner, compile_side), device)
-
-
-def int8_static(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
-    """Static int8 by FX graph mode quantization with the x86 backend's default qconfig (oneDNN and FBGEMM
-    kernels, which use VNNI and AMX-INT8), its activation ranges observed on `calibration`.
-
-    torch 2.14 no longer ships PT2E (torch.ao.quantization.quantize_pt2e). torchao 0.18's runs on resnets
-    with a workaround, but a form built while the previous one serves keeps about 4 MiB once dropped even
-    after undoing every holder found (53 MiB without), and the gate builds one per checkpoint
-    (bench/pt2e.py): FX mode is the int8 path that serves.
-    The fp32 module is left as it is: the quantized module holds its own int8 weights."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.fx.utils import assert_and_get_unique_device
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    torch.backends.quantized.engine = "x86"  # the default where it exists; it only concerns quantized ops
-    try:
-        # fx patches nn.Module.__call__ for every thread while it traces: nothing may run a module meanwhile.
-        with FORWARD_LOCK, TRACE_LOCK:
-            prepared = prepare_fx(fp32, get_default_qconfig_mapping("x86"), (calibration[:1],))
-        run_forward(prepared, calibration)  # the observers record each activation's range
-        with FORWARD_LOCK, TRACE_LOCK:
-            return convert_fx(prepared)
-    finally:
-        # prepare_fx and convert_fx look up each module's device through a functools.cache keyed by the
-        # module, which keeps every module it has seen: 24 MiB per resnet18 build, so per reload.
-        assert_and_get_unique_device.cache_clear()
 
 
 @dataclass(frozen=True, eq=False)
@@ -250,7 +232,7 @@ def choose(
         if why is not None:
             proven.append(VariantResult(precision, "-", device, False, f"skipped: {why}"))
             continue
-        for form in FORMS[precision]:
+        for form in FORMS[precision] + (COMPILED_FORMS.get(precision, ()) if config.optimize == "compile" else ()):
             result, module = _prove(fp32, precision, form, device, evidence, reference, config)
             proven.append(result)
             if module is not None:
@@ -301,7 +283,7 @@ def _prove(
     started = time.perf_counter()
     try:
         side = config.preprocess.crop if config.optimize == "compile" else None
-        module = build(fp32, precision, form, device, evidence.calibration, side)
+        module = build(fp32, precision, form, device, evidence.calibration, side, config.batch.max_size)
         probs = answers(module, evidence.images, config.batch.max_size)
     except Exception as exc:  # a form torch cannot build or run for this model is not offered
         detail = f"failed: {type(exc).__name__}: {exc}"

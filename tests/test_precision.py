@@ -355,13 +355,14 @@ def test_an_int8_form_and_what_built_it_are_freed_once_dropped(project: Project)
     import gc
     import weakref
 
-    from reloader.precision import int8_static
+    from reloader.int8 import fx_int8
 
     net = colour_net().eval()
     net.load_state_dict(colour_state_dict())
     fp32 = prepare_module(net, configure(project, "fp32"))
     calibration = (torch.eye(3) * 0.8 + 0.1)[:, :, None, None].expand(3, 3, 8, 8)  # red, green, blue
-    int8 = int8_static(fp32, calibration)
+    int8 = fx_int8(fp32, calibration)
+    assert not any("qconfig" in vars(m) for m in fp32.modules())  # FX gives them one while it works
     shared = {id(m) for m in fp32.modules()}  # the layers FX left in fp32 are fp32's own
     refs = [weakref.ref(m) for m in (int8, *int8.modules()) if id(m) not in shared]
     assert len(refs) > 2
@@ -421,3 +422,50 @@ def test_precision_device_and_fidelity_outside_their_ranges_are_config_errors(pr
     project.write_config(colours_yaml().replace("    preprocess:", f"    {line}\n    preprocess:"))
     with pytest.raises(ConfigError, match=re.escape(error)):
         load_config(project.config)
+
+
+@pytest.mark.torch_compile
+def test_under_compile_int8_is_also_built_by_pt2e_in_a_child_process_and_proven_beside_fx(project: Project):
+    import multiprocessing
+
+    from reloader.int8 import Packaged
+
+    config = configure(project, "int8").model_copy(update={"optimize": "compile"})
+    before = set(multiprocessing.active_children())
+    judged = Gate("colours", config, prepare_module, XEON).judge(project.save("colours-v1.pt"))
+
+    report = judged.report
+    assert report.passed, report.reason
+    rows = {v.form: v for v in report.variants}
+    assert set(rows) == {"static", "pt2e"}
+    assert rows["pt2e"].passed and rows["pt2e"].agreement == 1.0 and rows["pt2e"].img_s > 0, rows["pt2e"].detail
+    assert report.form == max(rows.values(), key=lambda v: v.img_s).form  # the faster serves
+    assert set(multiprocessing.active_children()) == before  # the build's process is gone
+    assert isinstance(judged.module, Packaged) == (report.form == "pt2e")
+    images = torch.stack([judged.preprocessor.load(png_bytes(c)) for c in COLOURS])
+    with torch.inference_mode():
+        assert [COLOURS[i] for i in judged.module(images).argmax(dim=1)] == list(COLOURS)
+
+
+def test_a_pt2e_build_that_fails_in_its_process_says_why_in_the_error():
+    """The gate then reports the form as failed and does not offer it (test_a_form_that_fails_...)."""
+    from reloader.int8 import pt2e_int8
+
+    net = colour_net().eval().requires_grad_(False)
+    not_rgb = torch.rand(2, 5, 8, 8)  # the net's BatchNorm1d takes 3 channels
+    with pytest.raises(RuntimeError, match=r"the PT2E int8 build failed \(exit code 1\): .*(3|5)"):
+        pt2e_int8(net, not_rgb, 8)
+    # Handed over in a file: as process arguments, its tensors would have moved into /dev/shm.
+    assert not any(p.is_shared() for p in net.parameters())
+
+
+def test_a_pt2e_build_past_its_time_is_stopped(monkeypatch):
+    import multiprocessing
+
+    from reloader import int8
+
+    monkeypatch.setattr(int8, "BUILD_TIMEOUT_S", 0.2)  # the child is still starting Python by then
+    before = set(multiprocessing.active_children())
+    with pytest.raises(RuntimeError, match=r"the PT2E int8 build took over 0 s"):
+        int8.pt2e_int8(colour_net().eval(), torch.rand(2, 3, 8, 8), 8)
+    assert set(multiprocessing.active_children()) == before

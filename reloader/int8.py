@@ -1,0 +1,167 @@
+"""Static int8, calibrated on what the gate gives: two forms.
+
+- "static": FX graph mode quantization with the x86 backend's default qconfig (oneDNN and FBGEMM kernels,
+  which use VNNI and AMX-INT8), in the server's process: built in a second or two.
+- "pt2e", as issue 11 asks: torchao's X86InductorQuantizer, then Inductor with freezing, built ahead of
+  time (AOTInductor) in a child process, and loaded by the server.
+
+Why a child process: built in the server, every PT2E form left memory behind once dropped: 53 MiB per
+resnet18 build as torch leaves it, and still 3.8 MiB with every process-wide holder found undone when a
+build overlaps the form that serves, as a reload does (bench/pt2e.py). The child exports, quantizes,
+calibrates and compiles, writes a package, and exits with all of that. The server only loads the package,
+whose weights are kept beside the compiled library, not inside it: a loaded library stays mapped once
+dropped, and with the weights inside, so would they (11.6 MiB per load of resnet18). Measured this way
+(`python -m bench.pt2e --served`), each build leaves the server 0.4 MiB larger: the pages of its library
+(1.7 MB for resnet18), which stays mapped.
+
+It costs a compile per checkpoint (25 s for resnet18 on 2 cores), so the gate offers it only under
+`optimize: compile`, beside FX's form, and serves the faster of the two that keep the answers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from .compute import FORWARD_LOCK, TRACE_LOCK, lower_thread_priority, run_forward
+
+# Exports and compiles for batches 1 to the model's max_size; the child gets this long to do it.
+BUILD_TIMEOUT_S = 900.0
+
+
+class Packaged(nn.Module):
+    """A loaded AOTInductor package, as serving calls a module: the fp32 batch in, fp32 scores out."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.runner = torch._inductor.aoti_load_package(str(path))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runner(x.contiguous(memory_format=torch.channels_last)).float()
+
+
+def build(fp32: nn.Module, form: str, calibration: torch.Tensor, max_batch: int) -> nn.Module:
+    """The int8 `form` of the eager fp32 module, its activation ranges observed on `calibration`. The fp32
+    module is left as it is: the quantized one holds its own int8 weights."""
+    if form == "static":
+        return fx_int8(fp32, calibration)
+    if form == "pt2e":
+        return pt2e_int8(fp32, calibration, max_batch)
+    raise ValueError(f"unknown form {form!r} of int8")
+
+
+def fx_int8(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.fx.utils import assert_and_get_unique_device
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"  # the default where it exists; it only concerns quantized ops
+    bare = [m for m in fp32.modules() if "qconfig" not in vars(m)]
+    try:
+        # fx patches nn.Module.__call__ for every thread while it traces: nothing may run a module meanwhile.
+        with FORWARD_LOCK, TRACE_LOCK:
+            prepared = prepare_fx(fp32, get_default_qconfig_mapping("x86"), (calibration[:1],))
+        run_forward(prepared, calibration)  # the observers record each activation's range
+        with FORWARD_LOCK, TRACE_LOCK:
+            return convert_fx(prepared)
+    finally:
+        # prepare_fx and convert_fx look up each module's device through a functools.cache keyed by the
+        # module, which keeps every module it has seen: 24 MiB per resnet18 build, so per reload.
+        assert_and_get_unique_device.cache_clear()
+        for m in bare:  # prepare_fx gives fp32's own modules a qconfig (which cannot be pickled): fp32 is
+            vars(m).pop("qconfig", None)  # left as it was, for the PT2E build's process and for serving
+
+
+
+def pt2e_int8(fp32: nn.Module, calibration: torch.Tensor, max_batch: int) -> nn.Module:
+    """The PT2E int8 form of `fp32` (on the CPU), built in a child process at the lowest priority. Its
+    output goes to a log file, not the daemon's: a failure's reason is the log's last line."""
+    with tempfile.TemporaryDirectory(prefix="reloader-int8-") as folder:  # this user's alone (mode 0700)
+        path, log, given = Path(folder) / "int8.pt2", Path(folder) / "build.log", Path(folder) / "fp32.pt"
+        # Handed over in a file: as multiprocessing arguments, the module's tensors would move into shared
+        # memory, /dev/shm, which a container caps at 64 MB by default.
+        torch.save({"fp32": fp32, "calibration": calibration}, given)
+        child = multiprocessing.get_context("spawn").Process(
+            target=_build, args=(given, max_batch, path, log), name="reloader-int8", daemon=True
+        )
+        child.start()
+        child.join(BUILD_TIMEOUT_S)
+        if child.is_alive():
+            child.kill()
+            child.join()
+            raise RuntimeError(f"the PT2E int8 build took over {BUILD_TIMEOUT_S:.0f} s")
+        if child.exitcode != 0 or not path.exists():
+            lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+            last = lines[-1] if lines else "no output"
+            raise RuntimeError(f"the PT2E int8 build failed (exit code {child.exitcode}): {last}")
+        return Packaged(path)  # the package is read whole here: the folder may go
+
+
+def _build(given: Path, max_batch: int, path: Path, log: Path) -> None:
+    """In the child: export, quantize, calibrate, convert, export again, compile and package."""
+    import torch._inductor.config as inductor_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    with log.open("ab") as out:  # the compiler's processes inherit these too
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+    lower_thread_priority()  # the server's forward goes first, as for every reload (compute.py)
+    # The module as a whole, not a state_dict: the file is the server's own, written a moment ago.
+    handed = torch.load(given, weights_only=False)
+    fp32, calibration = handed["fp32"], handed["calibration"]
+    inductor_config.compile_threads = 1
+    example = calibration[:2].expand(2, *calibration.shape[1:]).contiguous(memory_format=torch.channels_last)
+    batch = ({0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))},)
+    with torch.no_grad():
+        module = torch.export.export(fp32, (example,), dynamic_shapes=batch).module()
+        one_partition_per_call(module)
+        quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(module, quantizer)
+        prepared(calibration.contiguous(memory_format=torch.channels_last))
+        program = torch.export.export(convert_pt2e(prepared), (example,), dynamic_shapes=batch)
+        torch._inductor.aoti_compile_and_package(
+            program,
+            package_path=str(path),
+            inductor_configs={
+                "freezing": True,
+                "aot_inductor.package_constants_in_so": False,
+                "aot_inductor.package_constants_on_disk_format": "binary_blob",
+            },
+        )
+
+
+def one_partition_per_call(graph_module: fx.GraphModule) -> None:
+    """Nodes of one module that no data flows between are separate calls: each gets a source of its own.
+
+    X86InductorQuantizer refuses torchvision's resnets otherwise ("Input partition has more than one output
+    node"): non-strict torch.export records only the module a node came from, and BasicBlock calls its one
+    ReLU twice, so both calls land in one source partition with two outputs."""
+    by_module: dict[tuple[str, type], list[fx.Node]] = defaultdict(list)
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack and node.meta.get("source_fn_stack") is None:
+            fqn, kind = list(stack.values())[-1]
+            by_module[(fqn, kind)].append(node)
+    for (fqn, kind), nodes in by_module.items():
+        members, seen, calls = set(nodes), set[fx.Node](), []
+        for start in nodes:
+            if start in seen:
+                continue
+            call, todo = [], [start]
+            while todo:
+                node = todo.pop()
+                if node not in seen:
+                    seen.add(node)
+                    call.append(node)
+                    todo += [n for n in (*node.all_input_nodes, *node.users) if n in members]
+            calls.append(call)
+        for i, call in enumerate(calls if len(calls) > 1 else []):
+            for node in call:
+                node.meta["source_fn_stack"] = [(f"{fqn}#{i}", kind)]
