@@ -124,7 +124,8 @@ def _build(given: Path, max_batch: int, path: Path, log: Path) -> None:
         one_partition_per_call(module)
         quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(module, quantizer)
-        prepared(calibration.contiguous(memory_format=torch.channels_last))
+        for part in calibration.split(max_batch):  # the graph takes batches of max_batch at most
+            prepared(part.contiguous(memory_format=torch.channels_last))
         program = torch.export.export(convert_pt2e(prepared), (example,), dynamic_shapes=batch)
         torch._inductor.aoti_compile_and_package(
             program,

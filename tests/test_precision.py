@@ -430,7 +430,8 @@ def test_under_compile_int8_is_also_built_by_pt2e_in_a_child_process_and_proven_
 
     from reloader.int8 import Packaged
 
-    config = configure(project, "int8").model_copy(update={"optimize": "compile"})
+    # Batches of 2 at most: the 3 golden images that calibrate it are more than a batch.
+    config = configure(project, "int8", extra="    batch: {max_size: 2}\n").model_copy(update={"optimize": "compile"})
     before = set(multiprocessing.active_children())
     judged = Gate("colours", config, prepare_module, XEON).judge(project.save("colours-v1.pt"))
 
