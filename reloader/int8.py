@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from .compute import FORWARD_LOCK, TRACE_LOCK, lower_thread_priority, run_forward
+from .hardware import INT8_FLAGS, Hardware
 
 # Exports and compiles for batches 1 to the model's max_size; the child gets this long to do it.
 BUILD_TIMEOUT_S = 900.0
@@ -122,7 +123,11 @@ def _build(given: Path, max_batch: int, path: Path, log: Path) -> None:
     with torch.no_grad():
         module = torch.export.export(fp32, (example,), dynamic_shapes=batch).module()
         one_partition_per_call(module)
-        quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+        # 7-bit activations where the CPU has no VNNI, as torchao advises: 8-bit products saturate there.
+        # (The gate offers int8 only with VNNI or AMX; this keeps the form right wherever it is built.)
+        reduce_range = not set(INT8_FLAGS) & Hardware.detect().cpu_flags
+        config = x86.get_default_x86_inductor_quantization_config(reduce_range=reduce_range)
+        quantizer = x86.X86InductorQuantizer().set_global(config)
         prepared = prepare_pt2e(module, quantizer)
         for part in calibration.split(max_batch):  # the graph takes batches of max_batch at most
             prepared(part.contiguous(memory_format=torch.channels_last))
