@@ -79,7 +79,6 @@ def fx_int8(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
             vars(m).pop("qconfig", None)  # left as it was, for the PT2E build's process and for serving
 
 
-
 def pt2e_int8(fp32: nn.Module, calibration: torch.Tensor, max_batch: int) -> nn.Module:
     """The PT2E int8 form of `fp32` (on the CPU), built in a child process at the lowest priority. Its
     output goes to a log file, not the daemon's: a failure's reason is the log's last line."""
