@@ -74,22 +74,24 @@ class _Around(nn.Module):
         self.inner = inner
 
 
-class _Half(_Around):
-    def __init__(self, inner: nn.Module, dtype: torch.dtype, device_type: str = "cpu") -> None:
+class Autocast(_Around):
+    """fp32 weights, half-precision (`dtype`) compute wherever autocast deems it safe; fp32 scores out."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype, device_type: str) -> None:
         super().__init__(inner)
         self.dtype, self.device_type = dtype, device_type
-
-
-class Autocast(_Half):
-    """fp32 weights, half-precision (`dtype`) compute wherever autocast deems it safe; fp32 scores out."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=self.dtype):
             return self.inner(x).float()
 
 
-class CastInput(_Half):
+class CastInput(_Around):
     """Half-precision weights: the batch goes in cast to their `dtype`, the scores come out as fp32."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__(inner)
+        self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x.to(self.dtype)).float()
