@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch import fx, nn
+from torch import nn
 
 from reloader import int8, memory
 from reloader.hardware import Hardware
@@ -52,27 +52,12 @@ from .servers import status_kib
 BUILDS = 6
 
 
-def quantized(fp32: nn.Module, calibration: torch.Tensor) -> fx.GraphModule:
-    """fp32 exported with a dynamic batch, quantized by X86InductorQuantizer and calibrated."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
-
-    example = calibration[:1].expand(2, *calibration.shape[1:]).contiguous(memory_format=torch.channels_last)
-    exported = torch.export.export(fp32, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=1 << 16)},))
-    module = exported.module()
-    int8.one_partition_per_call(module)
-    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(module, quantizer)
-    with torch.inference_mode():
-        prepared(calibration.contiguous(memory_format=torch.channels_last))
-    return convert_pt2e(prepared)
-
-
 def pt2e_int8(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
     import torch._inductor.config as inductor_config
 
     side = calibration.shape[1:]
-    compiled = torch.compile(quantized(fp32, calibration))
+    with torch.no_grad():  # quantized as the gate's child quantizes it, then compiled here
+        compiled = torch.compile(int8.quantized(fp32, calibration, len(calibration)))
     inductor_config.compile_threads = 1
     inductor_config.freezing = True  # for this process: within inductor_config.patch only, batch 8 ran at fp32's speed
     with torch.inference_mode():
@@ -84,17 +69,13 @@ def pt2e_int8(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
 def aoti_loads(fp32: nn.Module, calibration: torch.Tensor, x: torch.Tensor, weights_inside: bool) -> list[float]:
     """RSS (MiB) after each of several loads of one AOTInductor package of the PT2E form, each dropped before
     the next, with its weights inside the compiled library (AOTInductor's default) or beside it (int8.py)."""
-    graph = quantized(fp32, calibration)
-    example = calibration[:2].contiguous(memory_format=torch.channels_last)
-    configs = {"freezing": True, "aot_inductor.package_constants_in_so": weights_inside}
-    if not weights_inside:
-        configs["aot_inductor.package_constants_on_disk_format"] = "binary_blob"
+    # AOTInductor's default keeps the weights inside the library; int8.py's options keep them beside it.
+    options = {"freezing": True} if weights_inside else int8.PACKAGE_OPTIONS
     rss = []
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         path = str(Path(folder) / "int8.pt2")
-        shapes = ({0: torch.export.Dim("batch", min=1, max=8)},)
-        program = torch.export.export(graph, (example,), dynamic_shapes=shapes)
-        torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=configs)
+        graph = int8.quantized(fp32, calibration, len(x))
+        int8.compile_package(graph, calibration, len(x), Path(path), options)
         for _ in range(BUILDS):
             package = torch._inductor.aoti_load_package(path)
             package(x)

@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from .compute import FORWARD_LOCK, TRACE_LOCK, lower_thread_priority, run_forward
-from .hardware import INT8_FLAGS, Hardware
+from .hardware import Hardware
 
 # Exports and compiles for batches 1 to the model's max_size; the child gets this long to do it.
 BUILD_TIMEOUT_S = 900.0
@@ -104,10 +104,8 @@ def pt2e_int8(fp32: nn.Module, calibration: torch.Tensor, max_batch: int) -> nn.
 
 
 def _build(given: Path, max_batch: int, path: Path, log: Path) -> None:
-    """In the child: export, quantize, calibrate, convert, export again, compile and package."""
+    """In the child: quantize, then compile and package."""
     import torch._inductor.config as inductor_config
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     with log.open("ab") as out:  # the compiler's processes inherit these too
         os.dup2(out.fileno(), 1)
@@ -115,31 +113,54 @@ def _build(given: Path, max_batch: int, path: Path, log: Path) -> None:
     lower_thread_priority()  # the server's forward goes first, as for every reload (compute.py)
     # The module as a whole, not a state_dict: the file is the server's own, written a moment ago.
     handed = torch.load(given, weights_only=False)
-    fp32, calibration = handed["fp32"], handed["calibration"]
     inductor_config.compile_threads = 1
-    example = calibration[:2].expand(2, *calibration.shape[1:]).contiguous(memory_format=torch.channels_last)
-    batch = ({0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))},)
     with torch.no_grad():
-        module = torch.export.export(fp32, (example,), dynamic_shapes=batch).module()
-        one_partition_per_call(module)
-        # 7-bit activations where the CPU has no VNNI, as torchao advises: 8-bit products saturate there.
-        # (The gate offers int8 only with VNNI or AMX; this keeps the form right wherever it is built.)
-        reduce_range = not set(INT8_FLAGS) & Hardware.detect().cpu_flags
-        config = x86.get_default_x86_inductor_quantization_config(reduce_range=reduce_range)
-        quantizer = x86.X86InductorQuantizer().set_global(config)
-        prepared = prepare_pt2e(module, quantizer)
-        for part in calibration.split(max_batch):  # the graph takes batches of max_batch at most
-            prepared(part.contiguous(memory_format=torch.channels_last))
-        program = torch.export.export(convert_pt2e(prepared), (example,), dynamic_shapes=batch)
-        torch._inductor.aoti_compile_and_package(
-            program,
-            package_path=str(path),
-            inductor_configs={
-                "freezing": True,
-                "aot_inductor.package_constants_in_so": False,
-                "aot_inductor.package_constants_on_disk_format": "binary_blob",
-            },
-        )
+        graph = quantized(handed["fp32"], handed["calibration"], max_batch)
+        compile_package(graph, handed["calibration"], max_batch, path)
+
+
+# AOTInductor's options for the package: the weights beside the compiled library, not inside it.
+PACKAGE_OPTIONS = {
+    "freezing": True,
+    "aot_inductor.package_constants_in_so": False,
+    "aot_inductor.package_constants_on_disk_format": "binary_blob",
+}
+
+
+def _batches(calibration: torch.Tensor, max_batch: int) -> tuple[torch.Tensor, tuple[dict[int, object]]]:
+    """An example batch of 2, and the batch dimension the graph takes: 1 to max_batch."""
+    example = calibration[:2].expand(2, *calibration.shape[1:]).contiguous(memory_format=torch.channels_last)
+    return example, ({0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))},)
+
+
+def quantized(fp32: nn.Module, calibration: torch.Tensor, max_batch: int) -> fx.GraphModule:
+    """fp32 exported for batches of 1 to max_batch, quantized by X86InductorQuantizer, calibrated and
+    converted. Called without gradients."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    example, batch = _batches(calibration, max_batch)
+    module = torch.export.export(fp32, (example,), dynamic_shapes=batch).module()
+    one_partition_per_call(module)
+    # 7-bit activations where the CPU has no VNNI, as torchao advises: 8-bit products saturate there.
+    # (The gate offers int8 only with VNNI or AMX; this keeps the form right wherever it is built.)
+    reduce_range = Hardware.detect().why_not("int8", "cpu") is not None
+    config = x86.get_default_x86_inductor_quantization_config(reduce_range=reduce_range)
+    prepared = prepare_pt2e(module, x86.X86InductorQuantizer().set_global(config))
+    for part in calibration.split(max_batch):  # the graph takes batches of max_batch at most
+        prepared(part.contiguous(memory_format=torch.channels_last))
+    return convert_pt2e(prepared)
+
+
+def compile_package(
+    graph: fx.GraphModule, calibration: torch.Tensor, max_batch: int, path: Path, options: dict | None = None
+) -> None:
+    """The quantized graph exported again and compiled ahead of time into a package at `path`."""
+    example, batch = _batches(calibration, max_batch)
+    program = torch.export.export(graph, (example,), dynamic_shapes=batch)
+    torch._inductor.aoti_compile_and_package(
+        program, package_path=str(path), inductor_configs=options or PACKAGE_OPTIONS
+    )
 
 
 def one_partition_per_call(graph_module: fx.GraphModule) -> None:
