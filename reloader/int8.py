@@ -14,7 +14,7 @@ dropped, and with the weights inside, so would they (11.6 MiB per load of resnet
 (`python -m bench.pt2e --served`), each build leaves the server 0.4 MiB larger: the pages of its library
 (1.7 MB for resnet18), which stays mapped.
 
-It costs a compile per checkpoint (25 s for resnet18 on 2 cores), so the gate offers it only under
+It costs a compile per checkpoint (22-43 s for resnet18 on 2 cores), so the gate offers it only under
 `optimize: compile`, beside FX's form, and serves the faster of the two that keep the answers.
 """
 
