@@ -24,7 +24,8 @@ serves, as a reload goes. What is left in the third is why the gate does not bui
 Last (`served_path`), the form the gate builds: int8.pt2e_int8 exports, quantizes and compiles ahead of
 time (AOTInductor) in a child process, which exits with all of that, and this process loads the package.
 Its build time, answers, speed beside FX, and this process's RSS over builds made while the last one
-serves; and what a package costs per load with its weights inside the compiled library and beside it.
+serves; and what a package costs per load with its weights inside the compiled library or beside it, as
+AOTInductor writes its interface and as int8.py has it written (`int8.unpinned_interface`).
 """
 
 from __future__ import annotations
@@ -66,11 +67,16 @@ def pt2e_int8(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
     return compiled
 
 
-def aoti_loads(fp32: nn.Module, calibration: torch.Tensor, x: torch.Tensor, weights_inside: bool) -> list[float]:
+def aoti_loads(
+    fp32: nn.Module, calibration: torch.Tensor, x: torch.Tensor, weights_inside: bool, unpinned: bool
+) -> list[float]:
     """RSS (MiB) after each of several loads of one AOTInductor package of the PT2E form, each dropped before
-    the next, with its weights inside the compiled library (AOTInductor's default) or beside it (int8.py)."""
+    the next, with its weights inside the compiled library (AOTInductor's default) or beside it (int8.py),
+    and its interface as AOTInductor writes it or `unpinned` (int8.py: for this process from then on)."""
     # AOTInductor's default keeps the weights inside the library; int8.py's options keep them beside it.
     options = {"freezing": True} if weights_inside else int8.PACKAGE_OPTIONS
+    if unpinned:
+        int8.unpinned_interface()
     rss = []
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         path = str(Path(folder) / "int8.pt2")
@@ -117,10 +123,12 @@ def served_path(fp32: nn.Module, calibration: torch.Tensor, x: torch.Tensor) -> 
     steps = [b - a for a, b in zip(rss, rss[1:], strict=False)]
     print("  RSS here after each build, each while the last one serves (MiB): " + ", ".join(f"{r:.0f}" for r in rss))
     print(f"  growth per build: median {statistics.median(steps):.1f} MiB")
-    for inside in (True, False):
-        loads = aoti_loads(fp32, calibration, x, inside)
+    for inside, unpinned in ((True, False), (False, False), (True, True), (False, True)):
+        loads = aoti_loads(fp32, calibration, x, inside, unpinned)
         where = "inside the library" if inside else "beside it"
-        print(f"RSS after each load of one package, its weights {where} (MiB): " + ", ".join(f"{r:.0f}" for r in loads))
+        how = "int8.py's interface" if unpinned else "AOTInductor's interface"
+        readings = ", ".join(f"{r:.0f}" for r in loads)
+        print(f"RSS after each load of one package, weights {where}, {how} (MiB): {readings}")
 
 
 def release(form: nn.Module) -> None:

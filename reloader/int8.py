@@ -9,10 +9,8 @@ Why a child process: built in the server, every PT2E form left memory behind onc
 resnet18 build as torch leaves it, and still 3.8 MiB with every process-wide holder found undone when a
 build overlaps the form that serves, as a reload does (bench/pt2e.py). The child exports, quantizes,
 calibrates and compiles, writes a package, and exits with all of that. The server only loads the package,
-whose weights are kept beside the compiled library, not inside it: a loaded library stays mapped once
-dropped, and with the weights inside, so would they (11.6 MiB per load of resnet18). Measured this way
-(`python -m bench.pt2e --served`), each build leaves the server 0.4 MiB larger: the pages of its library
-(1.7 MB for resnet18), which stays mapped.
+whose weights are kept beside the compiled library, not inside it (AOTInductor's default would put them
+inside, and map them with the library). A dropped package's library is unloaded: see `unpinned_interface`.
 
 It costs a compile per checkpoint (22-43 s for resnet18 on 2 cores), so the gate offers it only under
 `optimize: compile`, beside FX's form, and serves the faster of the two that keep the answers.
@@ -20,6 +18,7 @@ It costs a compile per checkpoint (22-43 s for resnet18 on 2 cores), so the gate
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import os
 import tempfile
@@ -80,27 +79,32 @@ def fx_int8(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
 
 
 def pt2e_int8(fp32: nn.Module, calibration: torch.Tensor, max_batch: int) -> nn.Module:
-    """The PT2E int8 form of `fp32` (on the CPU), built in a child process at the lowest priority. Its
-    output goes to a log file, not the daemon's: a failure's reason is the log's last line."""
+    """The PT2E int8 form of `fp32` (on the CPU), built in a child process at the lowest priority."""
     with tempfile.TemporaryDirectory(prefix="reloader-int8-") as folder:  # this user's alone (mode 0700)
-        path, log, given = Path(folder) / "int8.pt2", Path(folder) / "build.log", Path(folder) / "fp32.pt"
-        # Handed over in a file: as multiprocessing arguments, the module's tensors would move into shared
-        # memory, /dev/shm, which a container caps at 64 MB by default.
-        torch.save({"fp32": fp32, "calibration": calibration}, given)
-        child = multiprocessing.get_context("spawn").Process(
-            target=_build, args=(given, max_batch, path, log), name="reloader-int8", daemon=True
-        )
-        child.start()
-        child.join(BUILD_TIMEOUT_S)
-        if child.is_alive():
-            child.kill()
-            child.join()
-            raise RuntimeError(f"the PT2E int8 build took over {BUILD_TIMEOUT_S:.0f} s")
-        if child.exitcode != 0 or not path.exists():
-            lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
-            last = lines[-1] if lines else "no output"
-            raise RuntimeError(f"the PT2E int8 build failed (exit code {child.exitcode}): {last}")
-        return Packaged(path)  # the package is read whole here: the folder may go
+        return Packaged(package(fp32, calibration, max_batch, Path(folder)))  # read whole: the folder may go
+
+
+def package(fp32: nn.Module, calibration: torch.Tensor, max_batch: int, folder: Path) -> Path:
+    """The PT2E int8 package of `fp32`, built in a child process into `folder`. The child's output goes to a
+    log file there, not the daemon's: a failure's reason is the log's last line."""
+    path, log, given = folder / "int8.pt2", folder / "build.log", folder / "fp32.pt"
+    # Handed over in a file: as multiprocessing arguments, the module's tensors would move into shared
+    # memory, /dev/shm, which a container caps at 64 MB by default.
+    torch.save({"fp32": fp32, "calibration": calibration}, given)
+    child = multiprocessing.get_context("spawn").Process(
+        target=_build, args=(given, max_batch, path, log), name="reloader-int8", daemon=True
+    )
+    child.start()
+    child.join(BUILD_TIMEOUT_S)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        raise RuntimeError(f"the PT2E int8 build took over {BUILD_TIMEOUT_S:.0f} s")
+    if child.exitcode != 0 or not path.exists():
+        lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+        last = lines[-1] if lines else "no output"
+        raise RuntimeError(f"the PT2E int8 build failed (exit code {child.exitcode}): {last}")
+    return path
 
 
 def _build(given: Path, max_batch: int, path: Path, log: Path) -> None:
@@ -114,6 +118,7 @@ def _build(given: Path, max_batch: int, path: Path, log: Path) -> None:
     # The module as a whole, not a state_dict: the file is the server's own, written a moment ago.
     handed = torch.load(given, weights_only=False)
     inductor_config.compile_threads = 1
+    unpinned_interface()
     with torch.no_grad():
         graph = quantized(handed["fp32"], handed["calibration"], max_batch)
         compile_package(graph, handed["calibration"], max_batch, path)
@@ -161,6 +166,44 @@ def compile_package(
     torch._inductor.aoti_compile_and_package(
         program, package_path=str(path), inductor_configs=options or PACKAGE_OPTIONS
     )
+
+
+# AOTInductor's runtime interface keeps each thread's last error in a `thread_local std::string`, cleared by
+# every call into the library. The string's destructor is registered with each thread that calls, and glibc
+# keeps a library loaded while one of its thread destructors is pending: the server's threads live as long as
+# it does, so every package it loaded stayed mapped once dropped, with its deleted file's disk space (0.4 MiB
+# of RSS and 1.7 MB of /tmp per resnet18 build). The same slot, trivially destructible, registers nothing.
+# (The first package a process loads still stays: it defines symbols that glibc makes process-wide,
+# STB_GNU_UNIQUE, and every later one binds to those.)
+PINNING_SLOT = "static thread_local std::string g_aoti_last_error;"
+FREE_SLOT = """namespace {
+struct LastError {
+  char text[1024];
+  void clear() { text[0] = 0; }
+  LastError& operator=(const char* what) { snprintf(text, sizeof text, "%s", what); return *this; }
+  const char* c_str() const { return text; }
+};
+}  // namespace
+static thread_local LastError g_aoti_last_error;"""
+
+
+def unpinned_interface() -> None:
+    """In the build's process: AOTInductor writes its interface with FREE_SLOT for PINNING_SLOT."""
+    from torch._inductor import config
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+
+    source = Path(inspect.getfile(CppWrapperCpu)).parent / "aoti_runtime" / "interface.cpp"
+    text = source.read_text()
+    if PINNING_SLOT not in text:  # as in the torch this project pins; a new one fails the build, and says so
+        raise RuntimeError(f"AOTInductor's {source} no longer declares {PINNING_SLOT!r}")
+    if not config.aot_inductor.dynamic_linkage:
+        raise RuntimeError("AOTInductor's aot_inductor.dynamic_linkage is off: its interface is not inlined")
+
+    def interface(wrapper: CppWrapperCpu) -> None:  # what the method does, with the slot replaced
+        wrapper.header.splice_aot(text.replace(PINNING_SLOT, FREE_SLOT))
+        wrapper.header.splice_aot("\n")
+
+    CppWrapperCpu._write_aoti_interface_header = interface  # type: ignore[method-assign]
 
 
 def one_partition_per_call(graph_module: fx.GraphModule) -> None:

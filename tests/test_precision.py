@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import Project, colours_yaml, png_bytes
+from conftest import DEADLINE, Project, colours_yaml, png_bytes, wait_until
 from PIL import Image
 from tinynet import COLOURS, colour_net, colour_state_dict
 
@@ -458,6 +458,51 @@ def test_a_pt2e_build_that_fails_in_its_process_says_why_in_the_error():
         pt2e_int8(net, not_rgb, 8)
     # Handed over in a file: as process arguments, its tensors would have moved into /dev/shm.
     assert not any(p.is_shared() for p in net.parameters())
+
+
+def test_a_dropped_pt2e_package_is_unloaded_while_the_threads_that_ran_it_live_on(tmp_path):
+    """A server's threads outlive its packages. AOTInductor's library stayed loaded until every thread that had
+    called it ended, so each package a server dropped stayed mapped, its deleted file's space held with it."""
+    import gc
+    import threading
+
+    from reloader import int8
+
+    images = torch.rand(4, 3, 16, 16)
+    path = int8.package(colour_net().eval().requires_grad_(False), images, 4, tmp_path)
+
+    def mapped() -> set[str]:
+        with open("/proc/self/maps") as maps:
+            return set(re.findall(r"/\S*aotinductor_\S*\.wrapper\.so", maps.read()))
+
+    before, answers, dropped = mapped(), [], threading.Event()
+    packages = [int8.Packaged(path) for _ in range(3)]  # each load extracts its own copy of the library
+    loaded = mapped() - before
+
+    def serve() -> None:  # as the inference thread does, which lives on
+        with torch.inference_mode():
+            answers.extend(package(images[:2]).argmax(dim=1).tolist() for package in packages)
+        dropped.wait(DEADLINE)
+
+    serving = threading.Thread(target=serve, name="serving")
+    serving.start()
+    wait_until(lambda: len(answers) == 3, what="each package to answer")
+    packages.clear()
+    gc.collect()
+    left = mapped() - before
+    dropped.set()
+    serving.join()
+    assert len(loaded) == 3
+    # The first package a process loads stays: glibc makes some of its symbols process-wide (int8.py).
+    assert len(left) <= 1, f"{len(left)} of 3 dropped packages are still mapped"
+
+
+def test_a_torch_whose_aoti_interface_differs_fails_the_pt2e_build_and_says_so(monkeypatch):
+    from reloader import int8
+
+    monkeypatch.setattr(int8, "PINNING_SLOT", "static thread_local std::string g_some_other_slot;")
+    with pytest.raises(RuntimeError, match=r"interface\.cpp no longer declares .*g_some_other_slot"):
+        int8.unpinned_interface()
 
 
 def test_a_pt2e_build_past_its_time_is_stopped(monkeypatch):
