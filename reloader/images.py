@@ -59,8 +59,10 @@ def stack_images(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Images (C, H, W) as one batch in the channels-last layout every forward runs in (compute.run_forward).
 
     torch.stack lays a batch out channels first whatever its rows' layout, and the forward then transposes it
-    again; stacking the rows' (H, W, C) views writes the batch channels last at once (one copy, not three)."""
-    return torch.stack([t.permute(1, 2, 0) for t in tensors]).permute(0, 3, 1, 2)
+    again; stacking the rows' (H, W, C) views writes the batch channels last at once (one copy, not three).
+    Made in inference mode, as an inference tensor: what the forward is given, and compiled for (compute.as_served)."""
+    with torch.inference_mode():
+        return torch.stack([t.permute(1, 2, 0) for t in tensors]).permute(0, 3, 1, 2)
 
 
 def decode_image(data: bytes, max_pixels: int | None = None, short_side: float | None = None) -> Image.Image:

@@ -148,7 +148,7 @@ def build(
         inner = CastInput(half_copy(eager, dtype), dtype)
     else:
         raise ValueError(f"unknown form {form!r} of {precision}")
-    return served(inner if compile_side is None else compile_module(inner, compile_side), device)
+    return served(inner if compile_side is None else compile_module(inner, compile_side, max_batch), device)
 
 
 @dataclass(frozen=True, eq=False)
