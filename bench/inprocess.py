@@ -69,7 +69,7 @@ class Limit:
         if form != ("fp32", "eager"):  # the form reloader serves at another precision (section 7)
             calibration = torch.stack([self.pre.load(image) for image in images])  # for int8
             side = 224 if optimize == "compile" else None
-            self.module = build(self.module, *form, "cpu", calibration, side)
+            self.module = build(self.module, *form, "cpu", calibration, side, max(BATCH_SIZES))
         self._offset = 0
         self.serve(max(BATCH_SIZES))  # first-call allocations and oneDNN primitive creation
 
