@@ -10,6 +10,7 @@ bf16 forward fed by two decode threads lost 8-13 % of its images per second here
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -58,6 +59,47 @@ def run_forward(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """One forward pass, in turn with every other, on the batch as serving passes it (so compiled graphs match)."""
     with FORWARD_LOCK, torch.inference_mode():
         return module(as_served(batch))
+
+
+def compile_forward(compiled: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The first call of a torch.compile'd module: it compiles (for seconds to minutes), then runs once.
+
+    Serving goes on meanwhile. The lock is held only while torch.fx traces (`Tracer.trace`, as compiling
+    does inside): that patches nn.Module for every thread, so nothing may call a module then. The one run
+    after the compile overlaps serving at this thread's lower priority. Holding the lock throughout, as
+    `run_forward` does, stopped every model's serving for the whole compile (64 s for resnet18, cold, here)."""
+    _install_trace_turns()
+    _turns.compiling = True
+    try:
+        with torch.inference_mode():
+            return compiled(as_served(batch))
+    finally:
+        _turns.compiling = False
+
+
+_turns = threading.local()  # `compiling`: this thread is in compile_forward, outside the locks
+
+
+def _install_trace_turns() -> None:
+    """Wrap torch.fx's Tracer.trace, once, so a trace run by a compile_forward takes the forward lock."""
+    from torch.fx import _symbolic_trace
+
+    trace = _symbolic_trace.Tracer.trace
+    if getattr(trace, "_takes_turns", False):
+        return
+
+    def in_turn(self: object, *args: object, **kwargs: object) -> object:
+        if not getattr(_turns, "compiling", False):
+            return trace(self, *args, **kwargs)  # type: ignore[arg-type]
+        _turns.compiling = False  # a trace nested in this one runs under the locks it already holds
+        try:
+            with FORWARD_LOCK, TRACE_LOCK:
+                return trace(self, *args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            _turns.compiling = True
+
+    in_turn._takes_turns = True  # type: ignore[attr-defined]
+    _symbolic_trace.Tracer.trace = functools.wraps(trace)(in_turn)  # type: ignore[method-assign,assignment]
 
 
 def timed_forward(module: torch.nn.Module, batch: torch.Tensor) -> float:

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 from torch.nn.utils.parametrize import is_parametrized
 
-from .compute import FORWARD_LOCK, TRACE_LOCK, run_forward
+from .compute import FORWARD_LOCK, TRACE_LOCK, compile_forward
 from .config import ModelConfig
 
 logger = logging.getLogger("reloader.optimize")
@@ -38,11 +38,12 @@ def prepare_module(module: torch.nn.Module, config: ModelConfig) -> torch.nn.Mod
 
 
 def compile_module(module: torch.nn.Module, side: int, max_batch: int) -> torch.nn.Module:
-    """torch.compile with Inductor's freezing, compiled now, on the calling (reload) thread.
+    """torch.compile with Inductor's freezing, compiled now, on the calling (reload) thread, while serving
+    goes on (compute.compile_forward: resnet18's cold compile here took 64 s, 3.4 s of it in turns with serving).
 
     Freezing treats the weights as constants: Inductor folds what depends only on them (a bf16 form's
     casts) and lays them out for oneDNN once, instead of at every call; it needs the inference-mode
-    call `run_forward` makes. One compile worker, not one per core: the compile runs at the reload
+    call `compile_forward` makes. One compile worker, not one per core: the compile runs at the reload
     thread's low priority, and a pool of workers would not. Measured on resnet18, batch 8, by the gate
     here: bf16 weights 1.17x eager, fp32 about 1x (oneDNN's eager convolutions are what Inductor calls)."""
     import torch._inductor.config as inductor_config
@@ -54,9 +55,9 @@ def compile_module(module: torch.nn.Module, side: int, max_batch: int) -> torch.
     device = next(module.parameters(), torch.empty(0)).device
     # Every graph serving will call, compiled here and not at its first request: a batch of 2 compiles the
     # dynamic-batch graph; batch 1 is specialised (4.5 s more for resnet18 here), and that graph guarded on
-    # 2 to 15 images there, so a max_size of 16 or more compiles one more (16 s).
+    # 2 to 15 images there, so a max_size of 16 or more compiles one more (16 s). Serving goes on meanwhile.
     for size in dict.fromkeys((2, 1, max_batch)):
-        run_forward(compiled, torch.zeros(size, 3, side, side, device=device))
+        compile_forward(compiled, torch.zeros(size, 3, side, side, device=device))
     return compiled
 
 

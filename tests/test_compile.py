@@ -82,3 +82,68 @@ def test_under_compile_each_bf16_form_is_compiled_with_freezing_and_answers_like
         batch = torch.randn(size, 3, 32, 32)
         with torch.inference_mode():
             torch.testing.assert_close(compiled(batch), eager(batch), rtol=0.02, atol=0.05)
+
+
+@pytest.mark.torch_compile
+def test_serving_goes_on_while_a_module_compiles_and_never_runs_while_torch_fx_traces():
+    """A compile takes seconds to minutes (64 s for resnet18 here). Serving's forward lock is held only
+    while torch.fx traces, which patches nn.Module for every thread; before, it was held throughout.
+
+    The compile waits, as it starts, for a live forward pass begun after it started (up to a deadline,
+    which it only reaches if the lock is held); the live pass checks nn.Module is not patched."""
+    import threading
+
+    from tinynet import colour_net, colour_state_dict
+    from torch._dynamo import callback
+
+    from reloader.compute import run_forward
+    from reloader.optimize import compile_module
+
+    torch._dynamo.reset()  # a graph another test compiled in this process would not compile again
+    live = colour_net().eval().requires_grad_(False)
+    live.load_state_dict(colour_state_dict())
+    candidate = colour_net().eval().requires_grad_(False)
+    candidate.load_state_dict(colour_state_dict(scale=2.0))
+    batch = torch.rand(2, 3, 32, 32)
+    expected = run_forward(live, batch)
+    unpatched = torch.nn.Module.__call__
+    calls_seen: list[bool] = []
+    live.register_forward_pre_hook(lambda module, args: calls_seen.append(torch.nn.Module.__call__ is unpatched))
+    compiling, served_meanwhile, done = threading.Event(), threading.Event(), threading.Event()
+    compiles = [0]  # started so far
+    wrong: list[torch.Tensor] = []
+
+    def serve() -> None:
+        while not done.is_set():
+            began = compiling.is_set(), compiles[0]
+            answer = run_forward(live, batch)
+            if not torch.equal(answer, expected):
+                wrong.append(answer)
+            if began[0] and (compiling.is_set(), compiles[0]) == began:  # begun and ended in one compile
+                served_meanwhile.set()
+
+    def started(args: object) -> None:
+        compiles[0] += 1
+        compiling.set()
+        served_meanwhile.wait(timeout=30.0)
+
+    def ended(args: object) -> None:
+        compiling.clear()
+
+    callback.on_compile_start(started)
+    callback.on_compile_end(ended)
+    serving = threading.Thread(target=serve, name="test-serving")
+    serving.start()
+    try:
+        compiled = compile_module(candidate, 32, 4)
+    finally:
+        done.set()
+        serving.join()
+        callback.callback_handler.remove_start_callback(started)
+        callback.callback_handler.remove_end_callback(ended)
+
+    assert compiles[0] > 0, "nothing compiled"
+    assert served_meanwhile.is_set(), "no forward pass of the live model ran while the candidate compiled"
+    assert wrong == []
+    assert calls_seen and all(calls_seen), "a live forward pass ran while torch.fx had nn.Module patched"
+    torch.testing.assert_close(run_forward(compiled, batch), run_forward(candidate, batch))
