@@ -146,7 +146,7 @@ class ModelConfig(_Frozen):
     # fastest form the gate proves keeps the answers (see `fidelity`), and fp32 when none is 1.1x as fast.
     precision: Literal["fp32", "bf16", "fp16", "int8", "auto"] = "fp32"
     # cpu by default: a GPU is opted into (a trainer on the same machine may be using it); auto: cuda if any.
-    device: str = Field(default="cpu", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
+    device: str = Field(default="cpu", pattern=r"^(auto|cpu|cuda(:(0|[1-9][0-9]*))?)$")  # as torch.device reads it
     fidelity: Fidelity = Fidelity()
     evaluation: Evaluation | None = None  # scored after warm-up; see README "Evaluation and regression"
     canary: CanaryConfig | None = None  # none: a candidate that passes the gate goes live at once

@@ -36,13 +36,23 @@ BUILD_TIMEOUT_S = 900.0
 
 
 class Packaged(nn.Module):
-    """A loaded AOTInductor package, as serving calls a module: the fp32 batch in, fp32 scores out."""
+    """A loaded AOTInductor package, as serving calls a module: the fp32 batch in, fp32 scores out.
 
-    def __init__(self, path: Path) -> None:
+    Its kernels are compiled for images of `image` (C, H, W) in batches of 1 to `max_batch`, and AOTInductor
+    checks no input: a batch of other images would be read out of bounds. Such a batch raises instead (the
+    live version, scored under a config with another crop, say)."""
+
+    def __init__(self, path: Path, image: tuple[int, ...], max_batch: int) -> None:
         super().__init__()
         self.runner = torch._inductor.aoti_load_package(str(path))
+        self.image, self.max_batch = tuple(image), max_batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.image or not 1 <= len(x) <= self.max_batch:
+            raise ValueError(
+                f"this int8 package takes batches of 1 to {self.max_batch} images of {self.image}, "
+                f"not {tuple(x.shape)}"
+            )
         return self.runner(x.contiguous(memory_format=torch.channels_last)).float()
 
 
@@ -50,13 +60,13 @@ def build(fp32: nn.Module, form: str, calibration: torch.Tensor, max_batch: int)
     """The int8 `form` of the eager fp32 module, its activation ranges observed on `calibration`. The fp32
     module is left as it is: the quantized one holds its own int8 weights."""
     if form == "static":
-        return fx_int8(fp32, calibration)
+        return fx_int8(fp32, calibration, max_batch)
     if form == "pt2e":
         return pt2e_int8(fp32, calibration, max_batch)
     raise ValueError(f"unknown form {form!r} of int8")
 
 
-def fx_int8(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
+def fx_int8(fp32: nn.Module, calibration: torch.Tensor, max_batch: int) -> nn.Module:
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.fx.utils import assert_and_get_unique_device
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -67,7 +77,8 @@ def fx_int8(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
         # fx patches nn.Module.__call__ for every thread while it traces: nothing may run a module meanwhile.
         with FORWARD_LOCK, TRACE_LOCK:
             prepared = prepare_fx(fp32, get_default_qconfig_mapping("x86"), (calibration[:1],))
-        run_forward(prepared, calibration)  # the observers record each activation's range
+        for part in calibration.split(max_batch):  # the observers record each activation's range, a batch
+            run_forward(prepared, part)  # at a time: each pass waits at most one of serving's
         with FORWARD_LOCK, TRACE_LOCK:
             return convert_fx(prepared)
     finally:
@@ -81,7 +92,8 @@ def fx_int8(fp32: nn.Module, calibration: torch.Tensor) -> nn.Module:
 def pt2e_int8(fp32: nn.Module, calibration: torch.Tensor, max_batch: int) -> nn.Module:
     """The PT2E int8 form of `fp32` (on the CPU), built in a child process at the lowest priority."""
     with tempfile.TemporaryDirectory(prefix="reloader-int8-") as folder:  # this user's alone (mode 0700)
-        return Packaged(package(fp32, calibration, max_batch, Path(folder)))  # read whole: the folder may go
+        built = package(fp32, calibration, max_batch, Path(folder))
+        return Packaged(built, calibration.shape[1:], max_batch)  # read whole: the folder may go
 
 
 def package(fp32: nn.Module, calibration: torch.Tensor, max_batch: int, folder: Path) -> Path:

@@ -361,7 +361,7 @@ def test_an_int8_form_and_what_built_it_are_freed_once_dropped(project: Project)
     net.load_state_dict(colour_state_dict())
     fp32 = prepare_module(net, configure(project, "fp32"))
     calibration = (torch.eye(3) * 0.8 + 0.1)[:, :, None, None].expand(3, 3, 8, 8)  # red, green, blue
-    int8 = fx_int8(fp32, calibration)
+    int8 = fx_int8(fp32, calibration, 2)  # calibrated in batches of 2
     assert not any("qconfig" in vars(m) for m in fp32.modules())  # FX gives them one while it works
     shared = {id(m) for m in fp32.modules()}  # the layers FX left in fp32 are fp32's own
     refs = [weakref.ref(m) for m in (int8, *int8.modules()) if id(m) not in shared]
@@ -413,6 +413,7 @@ def test_an_explicit_bf16_rejected_by_fidelity_keeps_each_forms_numbers_in_the_r
     [
         ("device: gpu", "models.colours.device: string should match pattern"),
         ("device: 'cuda:'", "models.colours.device: string should match pattern"),
+        ("device: 'cuda:01'", "models.colours.device: string should match pattern"),  # torch.device refuses it
         ("precision: int4", "models.colours.precision: input should be 'fp32', 'bf16', 'fp16', 'int8' or 'auto'"),
         ("fidelity: {min_agreement: 1.5}", "models.colours.fidelity.min_agreement: must be <= 1"),
         ("fidelity: {max_prob_delta: -0.1}", "models.colours.fidelity.max_prob_delta: must be >= 0"),
@@ -444,8 +445,9 @@ def test_under_compile_int8_is_also_built_by_pt2e_in_a_child_process_and_proven_
     assert set(multiprocessing.active_children()) == before  # the build's process is gone
     assert isinstance(judged.module, Packaged) == (report.form == "pt2e")
     images = torch.stack([judged.preprocessor.load(png_bytes(c)) for c in COLOURS])
-    with torch.inference_mode():
-        assert [COLOURS[i] for i in judged.module(images).argmax(dim=1)] == list(COLOURS)
+    with torch.inference_mode():  # in batches of max_size, as served
+        answers = torch.cat([judged.module(part) for part in images.split(2)])
+    assert [COLOURS[i] for i in answers.argmax(dim=1)] == list(COLOURS)
 
 
 def test_a_pt2e_build_that_fails_in_its_process_says_why_in_the_error():
@@ -476,7 +478,7 @@ def test_a_dropped_pt2e_package_is_unloaded_while_the_threads_that_ran_it_live_o
             return set(re.findall(r"/\S*aotinductor_\S*\.wrapper\.so", maps.read()))
 
     before, answers, dropped = mapped(), [], threading.Event()
-    packages = [int8.Packaged(path) for _ in range(3)]  # each load extracts its own copy of the library
+    packages = [int8.Packaged(path, (3, 16, 16), 4) for _ in range(3)]  # each load extracts its own library
     loaded = mapped() - before
 
     def serve() -> None:  # as the inference thread does, which lives on
@@ -493,6 +495,9 @@ def test_a_dropped_pt2e_package_is_unloaded_while_the_threads_that_ran_it_live_o
     dropped.set()
     serving.join()
     assert len(loaded) == 3
+    for wrong in (torch.rand(2, 3, 8, 8), torch.rand(5, 3, 16, 16)):  # its kernels would read out of bounds
+        with pytest.raises(ValueError, match=r"takes batches of 1 to 4 images of \(3, 16, 16\)"):
+            int8.Packaged(path, (3, 16, 16), 4)(wrong)
     # The first package a process loads stays: glibc makes some of its symbols process-wide (int8.py).
     assert len(left) <= 1, f"{len(left)} of 3 dropped packages are still mapped"
 
