@@ -7,6 +7,7 @@ sha256 of the bytes that loaded); the worker decides what to do with a verdict a
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,8 @@ from .images import Preprocessor, stack_images
 from .precision import Evidence, Form, Unfaithful, choose, served
 from .report import CheckResult, EvaluationResult, ValidationReport, VariantResult, ms_since
 from .signing import SignatureCheck
+
+logger = logging.getLogger("reloader.gate")
 
 Prepare = Callable[[torch.nn.Module, ModelConfig], torch.nn.Module]
 # Evaluation images the fidelity check uses (half calibrate int8, half prove every form), spread over the set.
@@ -217,6 +220,22 @@ class Gate:
         """`module`'s accuracy on this definition's evaluation set (the live version's, for the regression bar)."""
         assert self.evaluation is not None
         return self.evaluation.score(module, self.config.batch.max_size)
+
+    def live_score(self, module: torch.nn.Module) -> EvaluationResult | None:
+        """The live version's score, the bar a candidate may trail by `max_regression`; None, with a warning,
+        where the live module cannot run this definition's images (another crop, say): candidates are then
+        judged on the set alone, and the pass goes on."""
+        try:
+            return self.score(module)
+        except Exception as exc:  # a forward pass can fail in any way
+            logger.warning(
+                "model %s: the live version cannot be scored on this definition's evaluation set (%s: %s); "
+                "candidates are judged on the set alone",
+                self.name,
+                type(exc).__name__,
+                exc,
+            )
+            return None
 
     def _warmup(self, module: torch.nn.Module) -> str:
         expected_shape = (1, self.config.num_classes)

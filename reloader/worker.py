@@ -298,7 +298,7 @@ class ModelWorker(LoopThread):
             if own is not None and same_definition(live.config, config):
                 score = replace(own, live_accuracy=None, live_recall=None)  # from its own gate
             else:
-                score = gate.score(live.module)
+                score = gate.live_score(live.module)
             self._scores = {key: score}  # only the live version's is ever needed
         return self._scores[key]
 

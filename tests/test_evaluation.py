@@ -114,6 +114,34 @@ def test_the_live_score_is_computed_once_per_version_and_set(project: Project, m
     assert calls == []  # the live version's own gate run scored it on this very set
 
 
+def test_a_live_version_that_cannot_run_the_new_definitions_images_sets_no_bar_and_the_pass_goes_on(
+    project: Project, caplog
+):
+    """Its definition moved (here: the crop) and the live module takes only its old images: scoring it raised
+    out of the pass, so no candidate was judged under the new config at all."""
+    with_evaluation(project)
+    config = load_config(project.config).models["colours"]
+    gate = Gate("colours", config, prepare_module)
+    old = config.model_copy(update={"preprocess": config.preprocess.model_copy(update={"crop": 8, "resize": 8})})
+    only_8px = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).eval()
+
+    from reloader.events import EventBus
+    from reloader.registry import LiveModel, Registry
+    from reloader.worker import ModelWorker, Shared
+
+    registry = Registry()
+    live = gate.judge(project.stage("colours-v1.pt", biased(4.0)))
+    report = live.report
+    path = project.root / "v1.pt"
+    registry.swap(LiveModel("colours", old, 1, report.sha256, path, only_8px, live.preprocessor, report))
+    worker = ModelWorker("colours", config, _NoSource(), Shared(registry, EventBus()))
+
+    assert worker._live_score(gate, config) is None
+    assert "the live version cannot be scored on this definition's evaluation set (RuntimeError" in caplog.text
+    judged = gate.judge(project.stage("colours-v2.pt", biased(0.0)), live=worker._live_score(gate, config))
+    assert judged.passed, judged.report.reason
+
+
 class _NoSource:
     """The worker under test never runs a pass: it only needs a source to subscribe to."""
 
