@@ -105,7 +105,7 @@ class ModelWorker(LoopThread):
         self._gate_config: ModelConfig | None = None  # the last config a gate was built for
         self._cache = CheckpointCache()
         self._source_error: str | None = None
-        self._scores: dict[tuple[str, str], EvaluationResult] = {}  # (live sha256, set digest) -> its score
+        self._scores: dict[tuple[str, str], EvaluationResult | None] = {}  # (live sha256, set digest) -> its score
         self.passes = 0
         source.subscribe(self._changed)
 
@@ -296,7 +296,7 @@ class ModelWorker(LoopThread):
         if key not in self._scores:
             own = live.report.evaluation
             if own is not None and same_definition(live.config, config):
-                score = replace(own, live_accuracy=None, live_recall=None)  # from its own gate
+                score: EvaluationResult | None = replace(own, live_accuracy=None, live_recall=None)  # its gate
             else:
                 score = gate.live_score(live.module)
             self._scores = {key: score}  # only the live version's is ever needed
