@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 
 from .compute import name_thread, run_forward
-from .errors import Overloaded, RequestTimedOut
+from .errors import NoFiniteAnswer, OutOfDeviceMemory, Overloaded, RequestTimedOut
 from .images import stack_images
 from .registry import LiveModel
 
@@ -46,7 +46,18 @@ class _Item:
 
 def forward(live: LiveModel, batch: torch.Tensor) -> torch.Tensor:
     """Probabilities for a batch of preprocessed images, on the model's own record."""
-    return run_forward(live.module, batch).float().softmax(dim=1)
+    try:
+        return run_forward(live.module, batch).float().softmax(dim=1)
+    except torch.OutOfMemoryError as exc:  # CUDA's, say, with a trainer on the same GPU: no fault of the request
+        raise OutOfDeviceMemory(f"{live.name!r} ran out of device memory for a batch of {len(batch)}; retry") from exc
+
+
+def answer(live: LiveModel, row: torch.Tensor) -> tuple[torch.Tensor, LiveModel]:
+    """One image's probabilities; NoFiniteAnswer where the live version gave NaN or inf (an fp16 form that
+    overflowed on this image, say: the gate checks its own images only). The batch's other images are answered."""
+    if not bool(torch.isfinite(row).all()):
+        raise NoFiniteAnswer(f"version {live.version} of {live.name!r} answered this image with NaN or inf")
+    return row, live
 
 
 class Batcher:
@@ -181,7 +192,10 @@ class Batcher:
                 elif exc is not None:
                     item.future.set_exception(exc)
                 else:
-                    item.future.set_result((fut.result()[i], live))
+                    try:
+                        item.future.set_result(answer(live, fut.result()[i]))
+                    except NoFiniteAnswer as wrong:
+                        item.future.set_exception(wrong)
             self._kick()
 
         done.add_done_callback(finished)

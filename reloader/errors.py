@@ -95,6 +95,20 @@ class Overloaded(ApiError):
     headers = MappingProxyType({"Retry-After": "1"})
 
 
+class OutOfDeviceMemory(ApiError):
+    """The model's device had no memory for the batch now (CUDA). HTTP servers should return HTTP_503 with
+    Retry-After: 1."""
+
+    status = 503
+    headers = MappingProxyType({"Retry-After": "1"})
+
+
+class NoFiniteAnswer(ApiError):
+    """The live version answered this image with NaN or inf. HTTP servers should return HTTP_422."""
+
+    status = 422
+
+
 class RequestTimedOut(ApiError):
     """The request waited longer than request_timeout_s. HTTP servers should return HTTP_503 with Retry-After: 1."""
 

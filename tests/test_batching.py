@@ -107,3 +107,65 @@ def test_a_waiting_request_stays_on_its_version_when_the_model_definition_change
         row, served = answers[key]
         assert served.version == 1 and _label(row) == "red", key
     assert old_passes == [1, 2]
+
+
+class _Overflows(nn.Module):
+    """A live version whose scores overflow to inf on a white image (as an fp16 form may): its colours, finite."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.inner(x)
+        white = x.flatten(1).amin(dim=1) > 0.5 * x.flatten(1).amax(dim=1)
+        return torch.where(white[:, None], scores * float("inf"), scores)
+
+
+class _OutOfMemory(nn.Module):
+    """What a CUDA forward raises when a trainer on the same GPU holds its memory (no GPU here)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_an_image_answered_with_nan_or_inf_gets_a_422_and_the_others_in_its_batch_their_answers(project: Project):
+    from reloader.errors import NoFiniteAnswer
+
+    live = _live(project, "colours-v1.pt", colour_state_dict())
+    live = dataclasses.replace(live, module=_Overflows(live.module))
+    images = {c: live.preprocessor.load(png_bytes(c)) for c in ("red", "green")}
+    images["white"] = torch.ones_like(images["red"])
+
+    async def main() -> list[object]:
+        batcher = Batcher(current={"colours": live}.get)
+        try:
+            return await asyncio.gather(
+                *(batcher.submit(live, t, DEADLINE, follow=False) for t in images.values()), return_exceptions=True
+            )
+        finally:
+            batcher.close()
+
+    red, green, white = asyncio.run(main())
+    assert isinstance(white, NoFiniteAnswer) and white.status == 422
+    assert str(white) == "version 1 of 'colours' answered this image with NaN or inf"
+    assert [_label(red[0]), _label(green[0])] == ["red", "green"]
+
+
+def test_a_device_out_of_memory_is_a_503_to_retry_not_a_server_error(project: Project):
+    from reloader.errors import OutOfDeviceMemory
+
+    live = dataclasses.replace(_live(project, "colours-v1.pt", colour_state_dict()), module=_OutOfMemory())
+
+    async def main() -> object:
+        batcher = Batcher(current={"colours": live}.get)
+        try:
+            red = live.preprocessor.load(png_bytes("red"))
+            return (await asyncio.gather(batcher.submit(live, red, DEADLINE, follow=False), return_exceptions=True))[0]
+        finally:
+            batcher.close()
+
+    refused = asyncio.run(main())
+    assert isinstance(refused, OutOfDeviceMemory)
+    assert (refused.status, dict(refused.headers)) == (503, {"Retry-After": "1"})
+    assert "'colours' ran out of device memory for a batch of 1; retry" in str(refused)
