@@ -247,10 +247,12 @@ def choose(
     tried = [_timed_result(t, speeds, failed, each_ms) for t in proven]
     if FP32 in modules and FP32 not in failed:
         tried.insert(0, VariantResult(*FP32, device, True, "the reference", 1.0, 0.0, speeds[FP32], each_ms))
+    if FP32 in failed:  # what serves when nothing else does cannot take a full batch: every one would fail
+        raise CheckpointRejected("fidelity", f"fp32 {failed[FP32]} (batch.max_size)")
     kept = [t for t in tried if t.passed and t.precision != "fp32"]
     if not auto and not kept:
         raise Unfaithful(tried)
-    chosen = pick(speeds.get(FP32), kept, auto) if FP32 not in failed else None
+    chosen = pick(speeds.get(FP32), kept, auto)
     if chosen is None:
         return Choice(reference_module, *FP32, tuple(tried))
     return Choice(modules[(chosen.precision, chosen.form)], chosen.precision, chosen.form, tuple(tried))

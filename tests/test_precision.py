@@ -397,6 +397,28 @@ def test_a_form_that_fails_at_the_full_batch_is_not_offered_and_auto_serves_fp32
     assert failed and all(not v.passed and v.detail.startswith("failed at batch 8: RuntimeError") for v in failed)
 
 
+def test_under_auto_an_fp32_module_that_fails_at_the_full_batch_is_rejected_not_served(project: Project):
+    """It used to serve, its failure left out of the report, and every full batch served then failed."""
+
+    class SmallBatchesOnly(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if len(x) > 3:
+                raise RuntimeError("out of memory")
+            return self.inner(x)
+
+    def prepare(module: torch.nn.Module, config) -> torch.nn.Module:
+        return SmallBatchesOnly(prepare_module(module, config))
+
+    judged = Gate("colours", configure(project, "auto"), prepare, XEON).judge(project.save("colours-v1.pt"))
+
+    assert not judged.passed
+    assert judged.report.reason == "fidelity: fp32 failed at batch 8: RuntimeError: out of memory (batch.max_size)"
+
+
 def test_an_explicit_bf16_rejected_by_fidelity_keeps_each_forms_numbers_in_the_report(project: Project):
     checkpoint = project.save("colours-v1.pt", near_tie_state_dict())
     report = Gate("colours", configure(project, "bf16", expect=False), prepare_module, XEON).judge(checkpoint).report
