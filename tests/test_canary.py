@@ -43,10 +43,12 @@ def traffic(url: str) -> Iterator[list[tuple[str, int, str, int]]]:
                 colour = COLOURS[i % 3]
                 i += 1
                 headers = {"content-type": "image/png"}
-                r = client.post("/models/colours/predict", content=png_bytes(colour), headers=headers)
-                body = r.json()
-                label = body["predictions"][0]["label"] if r.status_code == 200 else ""
-                answers.append((colour, r.status_code, label, int(r.headers.get("x-model-version", -1))))
+                try:
+                    r = client.post("/models/colours/predict", content=png_bytes(colour), headers=headers)
+                    label = r.json()["predictions"][0]["label"] if r.status_code == 200 else ""
+                    answers.append((colour, r.status_code, label, int(r.headers.get("x-model-version", -1))))
+                except Exception as exc:  # a reset or a body not JSON: a failed answer (status -1), not a dead thread
+                    answers.append((colour, -1, f"{type(exc).__name__}: {exc}", -1))
 
     thread = threading.Thread(target=send, name="test-traffic")
     thread.start()

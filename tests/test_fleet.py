@@ -165,11 +165,9 @@ def test_a_start_that_fails_halfway_stops_what_it_started(project, tmp_path):
     garbage.parent.mkdir()
     garbage.write_bytes(b"not a checkpoint" * 100)
     fleet = Fleet(spec(project, tmp_path, [garbage], ready_deadline_s=3.0))
-    t0 = time.monotonic()
     with pytest.raises(FleetError, match=r"replica 0 \(:\d+\) was not ready after 3.0 s"):
         with fleet:
             pass
-    assert time.monotonic() - t0 < 30
     started = fleet.pids()
     assert len(started) == 4 and fleet.nginx is None  # moto and the 3 replicas had started; nginx had not
     assert all(gone(pid) for pid in started), "a failed start left processes behind"

@@ -276,10 +276,14 @@ def test_a_flood_of_slow_decodes_is_refused_503_before_decoding_and_keeps_no_one
     slow = buf.getvalue()
     start = threading.Barrier(16)
     answers: list[httpx.Response] = []
+    errors: list[str] = []
 
     def send() -> None:
         start.wait()
-        answers.append(httpx.post(f"{daemon.url}/models/colours/predict", content=slow, timeout=DEADLINE))
+        try:
+            answers.append(httpx.post(f"{daemon.url}/models/colours/predict", content=slow, timeout=DEADLINE))
+        except Exception as exc:  # recorded: a dead thread would only shorten `answers`
+            errors.append(f"{type(exc).__name__}: {exc}")
 
     senders = [threading.Thread(target=send) for _ in range(16)]
     for thread in senders:
@@ -287,6 +291,7 @@ def test_a_flood_of_slow_decodes_is_refused_503_before_decoding_and_keeps_no_one
     for thread in senders:
         thread.join()
 
+    assert errors == [] and len(answers) == 16
     refused = [a for a in answers if a.status_code == 503]
     assert refused, "16 slow decodes at once against a queue of 2: some must be refused"
     assert {a.status_code for a in answers} <= {200, 503}

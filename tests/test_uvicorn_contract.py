@@ -137,7 +137,9 @@ def test_uvicorn_still_calls_the_hooks_when_it_serves():
 def test_uvicorn_re_raises_a_caught_signal_only_from_the_capture_signals_server_py_replaces():
     # uvicorn re-raises SIGTERM after a graceful shutdown, which would make the exit code 143, not 0;
     # _Server's capture_signals does not, which only helps while that is where uvicorn does it.
-    for caller in ("run", "serve", "_serve", "main_loop", "shutdown"):
+    callers = ("run", "serve", "_serve", "main_loop", "shutdown")
+    assert any(hasattr(Server, caller) for caller in callers), changed("run", f"none of {callers} exists any more")
+    for caller in callers:
         function = getattr(Server, caller, None)
         if function is None:
             continue
