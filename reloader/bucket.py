@@ -212,7 +212,7 @@ class BucketSource:
     def next_poll(self) -> float | None:
         return self._next_poll
 
-    def retry(self, path: Path, now: float) -> None:
+    def retry(self, path: Path, now: float, after_s: float | None = None) -> None:
         pass  # the next listing looks again
 
     def take_arrival(self, path: Path) -> float | None:

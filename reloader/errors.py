@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import ClassVar
@@ -26,6 +27,19 @@ class CheckpointRejected(ReloaderError):
         super().__init__(f"{check}: {reason}")
         self.check = check
         self.reason = reason
+
+
+SHORTAGES = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
+
+
+def short_of_resources(exc: BaseException) -> bool:
+    """Whether `exc` says this machine lacked memory, disk or descriptors for the work (a trainer's GPU
+    memory, a full /tmp), which says nothing of the checkpoint: it is judged again later, not rejected."""
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in SHORTAGES
 
 
 class CheckpointIncomplete(CheckpointRejected):

@@ -20,7 +20,7 @@ from .architectures import build_model
 from .checkpoints import LoadedCheckpoint, OpenCheckpoint, load_checkpoint, open_checkpoint, parse_version
 from .compute import run_forward
 from .config import ModelConfig
-from .errors import CheckpointIncomplete, CheckpointRejected, ConfigError, InvalidImage
+from .errors import CheckpointIncomplete, CheckpointRejected, ConfigError, InvalidImage, short_of_resources
 from .evaluation import EvaluationSet
 from .files import shown
 from .hardware import Hardware
@@ -30,6 +30,9 @@ from .report import CheckResult, EvaluationResult, ValidationReport, VariantResu
 from .signing import SignatureCheck
 
 logger = logging.getLogger("reloader.gate")
+# A file that failed for want of memory or disk (a trainer holding the GPU, a full /tmp) is judged again after
+# this long: not at once, which would only fail again, and not never, which would lose a good checkpoint.
+SHORTAGE_RETRY_S = 30.0
 
 Prepare = Callable[[torch.nn.Module, ModelConfig], torch.nn.Module]
 # Evaluation images the fidelity check uses (half calibrate int8, half prove every form), spread over the set.
@@ -66,6 +69,7 @@ class _Checks:
     def __init__(self) -> None:
         self.results: list[CheckResult] = []
         self.incomplete = False
+        self.short = False
 
     @contextmanager
     def check(self, name: str) -> Iterator[list[str]]:
@@ -78,7 +82,11 @@ class _Checks:
             self.results.append(CheckResult(name, False, exc.reason, ms_since(started)))
             raise _Failed from exc
         except Exception as exc:  # a user's factory or a forward pass can fail in any way
-            self.results.append(CheckResult(name, False, f"{type(exc).__name__}: {exc}", ms_since(started)))
+            why = f"{type(exc).__name__}: {exc}"
+            self.short = short_of_resources(exc)
+            if self.short:
+                why += f" (this machine was short of memory or disk: judged again in {SHORTAGE_RETRY_S:.0f} s)"
+            self.results.append(CheckResult(name, False, why, ms_since(started)))
             raise _Failed from exc
         self.results.append(CheckResult(name, True, "".join(detail), ms_since(started)))
 
@@ -195,6 +203,7 @@ class Gate:
             checks=tuple(checks.results),
             passed=module is not None,
             incomplete=checks.incomplete,
+            short=checks.short,
             started_at=started,
             total_ms=ms_since(t0),
             precision=precision,

@@ -26,7 +26,7 @@ from torch import nn
 from . import int8
 from .compute import run_forward, timed_forward
 from .config import ModelConfig
-from .errors import CheckpointRejected
+from .errors import CheckpointRejected, short_of_resources
 from .hardware import Hardware
 from .optimize import compile_module
 from .report import VariantResult, ms_since
@@ -185,7 +185,9 @@ def measure(modules: dict[Form, nn.Module], batch: torch.Tensor, speeds: dict[Fo
         try:
             timed_forward(module, batch)  # first-call allocations and oneDNN primitive creation
             times[f] = []
-        except Exception as exc:  # out of memory at the full batch, say: this form is not offered
+        except Exception as exc:  # a form that cannot run the full batch is not offered
+            if short_of_resources(exc):
+                raise  # the machine, not the form: the file is judged again later
             failed[f] = f"failed at batch {len(batch)}: {type(exc).__name__}: {exc}"
     for _ in range(TIMED_ROUNDS):
         for f in times:
@@ -290,6 +292,8 @@ def _prove(
         module = build(fp32, precision, form, device, evidence.calibration, side, config.batch.max_size)
         probs = answers(module, evidence.images, config.batch.max_size)
     except Exception as exc:  # a form torch cannot build or run for this model is not offered
+        if short_of_resources(exc):
+            raise  # the machine, not the form: the file is judged again later, every form with it
         detail = f"failed: {type(exc).__name__}: {exc}"
         return VariantResult(precision, form, device, False, detail, ms=ms_since(started)), None
     if not bool(torch.isfinite(probs).all()):

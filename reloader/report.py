@@ -72,6 +72,7 @@ class ValidationReport:
     device: str = "cpu"
     variants: tuple[VariantResult, ...] = ()
     evaluation: EvaluationResult | None = None
+    short: bool = False  # a check failed for want of memory or disk: judged again later, not rejected
 
     @property
     def reason(self) -> str | None:

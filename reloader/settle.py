@@ -75,11 +75,12 @@ class Settling:
             raise ValueError(f"unknown file event kind {kind!r}")
         return kind in IMMEDIATE
 
-    def retry(self, path: Path, now: float) -> None:
-        """Look at a file again later: it failed while still changing (at its close, if one is to come)."""
-        if path in self._unclosed:
+    def retry(self, path: Path, now: float, after_s: float | None = None) -> None:
+        """Look at a file again later: it failed while still changing (at its close, if one is to come), or
+        `after_s` from now (the machine was short of memory or disk for it)."""
+        if path in self._unclosed and after_s is None:
             return  # its close is an event, and brings it back: re-reading it meanwhile only costs
-        self._due[path] = now + max(self.settle_s, MIN_RETRY_S)
+        self._due[path] = now + (max(self.settle_s, MIN_RETRY_S) if after_s is None else after_s)
 
     def due_now(self, now: float) -> bool:
         return any(t <= now for t in self._due.values())

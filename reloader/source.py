@@ -72,7 +72,7 @@ class CheckpointSource(Protocol):
         """When the source should be listed again on a schedule (not pending work); None: only on news."""
         ...
 
-    def retry(self, path: Path, now: float) -> None: ...
+    def retry(self, path: Path, now: float, after_s: float | None = None) -> None: ...
 
     def take_arrival(self, path: Path) -> float | None: ...
 
@@ -166,9 +166,9 @@ class LocalFolder:
     def next_poll(self) -> float | None:
         return None  # the watcher reports changes (and polls, where `watch.poll` says so)
 
-    def retry(self, path: Path, now: float) -> None:
+    def retry(self, path: Path, now: float, after_s: float | None = None) -> None:
         with self._lock:
-            self._settling.retry(path, now)
+            self._settling.retry(path, now, after_s)
 
     def take_arrival(self, path: Path) -> float | None:
         """When the file was first reported, forgetting it: a rewrite of the path is a new arrival."""

@@ -33,7 +33,7 @@ from .compute import lower_thread_priority
 from .config import ModelConfig
 from .errors import ConfigError, FetchFailed
 from .events import CheckpointJudged, EventBus, Outcome, ReloadFailed, SourceStatus
-from .gate import Gate, Judgement, Prepare
+from .gate import SHORTAGE_RETRY_S, Gate, Judgement, Prepare
 from .policy import FileStatus, Hash, Judge, LiveFile, Serving, Settled, plan, same_definition
 from .promotion import Promotion
 from .registry import LiveModel, Registry
@@ -263,10 +263,10 @@ class ModelWorker(LoopThread):
         if report.sha256 is not None and unchanged:
             self._cache.remember(cand, report.sha256)
         still_written = not judgement.passed and cand.path in source.arriving(self._clock())
-        if report.incomplete or not unchanged or still_written:
-            # Whatever failed, it failed on a file still changing: that says nothing of the finished file.
+        if report.incomplete or report.short or not unchanged or still_written:
+            # It failed on a file still changing, or a machine short of memory or disk: that says nothing of the file.
             reason = report.reason or "file changed while it was validated"
-            source.retry(cand.path, self._clock())
+            source.retry(cand.path, self._clock(), SHORTAGE_RETRY_S if report.short and unchanged else None)
             self._bus.publish(CheckpointJudged(self.name, Outcome.INCOMPLETE, cand.path, reason, report))
             return (FileStatus.INCOMPLETE, reason)
         if not judgement.passed or (action.digest is not None and report.sha256 != action.digest):

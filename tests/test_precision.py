@@ -397,6 +397,25 @@ def test_a_form_that_fails_at_the_full_batch_is_not_offered_and_auto_serves_fp32
     assert failed and all(not v.passed and v.detail.startswith("failed at batch 8: RuntimeError") for v in failed)
 
 
+def test_a_form_built_while_the_disk_is_full_leaves_the_file_to_be_judged_again_not_rejected(
+    project: Project, monkeypatch
+):
+    """Not "failed" (fp32 serving under auto, the file rejected under bf16): the machine, not the form."""
+    import errno
+
+    from reloader import precision
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(precision, "build", disk_full)
+    for asked in ("auto", "bf16"):
+        gate = Gate("colours", configure(project, asked), prepare_module, XEON)
+        report = gate.judge(project.save("colours-v1.pt")).report
+        assert not report.passed and report.short, asked
+        assert report.reason.startswith("fidelity: OSError: [Errno 28] No space left on device (this machine was short")
+
+
 def test_under_auto_an_fp32_module_that_fails_at_the_full_batch_is_rejected_not_served(project: Project):
     """It used to serve, its failure left out of the report, and every full batch served then failed."""
 

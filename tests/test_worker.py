@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import Project, sha256, wait_until
 from tinynet import colour_state_dict
 
@@ -95,3 +97,49 @@ def test_a_failing_subscriber_does_not_undo_a_swap_nor_keep_events_from_the_othe
         assert swapped.outcome is Outcome.SWAPPED and swapped.sha256 == sha256(good)
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize(
+    "shortage",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),  # a trainer's GPU
+        lambda: OSError(errno.ENOSPC, "No space left on device"),  # /tmp full under a compile, say
+    ],
+    ids=["device-memory", "disk"],
+)
+def test_a_checkpoint_judged_while_the_machine_is_short_of_memory_or_disk_is_judged_again_not_rejected(
+    project: Project, monkeypatch, shortage
+):
+    """It used to be rejected and remembered by its content: a good checkpoint lost until a restart."""
+    import reloader.worker as worker_module
+    from reloader.optimize import prepare_module
+
+    monkeypatch.setattr(worker_module, "SHORTAGE_RETRY_S", 0.5)  # 30 s in service
+    prepared = []
+
+    def short_once(module, config):
+        prepared.append(module)
+        if len(prepared) == 1:
+            raise shortage()
+        return prepare_module(module, config)
+
+    bus = EventBus()
+    events: list[Event] = []
+    bus.subscribe(events.append)
+    config = load_config(project.config)
+    model = config.models["colours"]
+    registry = Registry()
+    folder = LocalFolder("colours", model.checkpoints, config.watch, bus)
+    worker = ModelWorker("colours", model, folder, Shared(registry, bus, short_once))
+    first = project.save("colours-v1.pt")
+    worker.start()
+    try:
+        wait_until(lambda: registry.get("colours") is not None, what="the file to be judged again, and go live")
+    finally:
+        worker.stop()
+
+    assert registry.get("colours").sha256 == sha256(first)
+    assert outcomes(events) == ["incomplete", "swapped"]  # no event of its own brought it back
+    held = next(e for e in events if isinstance(e, CheckpointJudged))
+    assert held.reason.startswith("warmup: ")
+    assert "(this machine was short of memory or disk: judged again" in held.reason
