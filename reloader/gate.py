@@ -25,6 +25,7 @@ from .evaluation import EvaluationSet
 from .files import shown
 from .hardware import Hardware
 from .images import Preprocessor, stack_images
+from .memory import release
 from .precision import Evidence, Form, Unfaithful, choose, served
 from .report import CheckResult, EvaluationResult, ValidationReport, VariantResult, ms_since
 from .signing import SignatureCheck
@@ -141,6 +142,7 @@ class Gate:
         checks = _Checks()
         loaded: LoadedCheckpoint | None = None
         module: torch.nn.Module | None = None
+        fp32: torch.nn.Module | None = None
         precision, form = "fp32", "eager"
         variants: tuple[VariantResult, ...] = ()
         evaluation: EvaluationResult | None = None
@@ -180,7 +182,7 @@ class Gate:
                         raise
                     module, precision, form, variants = choice.module, choice.precision, choice.form, choice.tried
                     detail.append(choice.summary())
-                del fp32  # a faster form serves alone: the fp32 reference is released here
+                fp32 = None  # a faster form serves alone: the fp32 reference is released here
             if self.evaluation is not None:
                 with checks.check("evaluation") as detail:
                     # The form that will serve is what is scored: it is what users will get.
@@ -189,7 +191,7 @@ class Gate:
                         raise CheckpointRejected("evaluation", failure)
                     detail.append(evaluation.summary())
         except _Failed:
-            module = None
+            module = fp32 = None
         finally:
             if opened is not None:
                 opened.close()  # the load closes it; not when a check before the load failed
@@ -212,6 +214,8 @@ class Gate:
             variants=variants,
             evaluation=evaluation,
         )
+        if module is None and loaded is not None:
+            release()  # what the failed file built goes back now (a GPU's memory too), not at the next swap
         return Judgement(report, module, self.preprocessor)
 
     def _evidence(self) -> Evidence:

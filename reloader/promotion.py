@@ -84,6 +84,8 @@ class Promotion:
             cache.reject(new.sha256, reason)  # by content: the same bytes are not tried again
             judged = CheckpointJudged(self.name, Outcome.REJECTED, new.path, reason, new.report, sha256=new.sha256)
             self._bus.publish(judged)
+            del canary, new, judged
+            release()  # the rejected candidate's memory goes back now (a GPU's too), not at the next swap
         return True
 
     def end_canary(self) -> None:

@@ -13,6 +13,7 @@ from .config import Config, ModelConfig, load_config
 from .errors import ConfigError
 from .events import ConfigApplied, ConfigRejected
 from .locations import S3Location
+from .memory import release
 from .settle import FileEvent
 from .source import CheckpointSource, LocalFolder
 from .status import EventLog, describe_model
@@ -163,6 +164,7 @@ class Supervisor(LoopThread):
             worker.stop()
             self.registry.remove(name)
             self._events.forget(name)
+            release()  # its memory goes back now (a GPU's too), as at a swap
             logger.info("model %s: removed from the config and unloaded", name)
         for name, model in new.models.items():
             if name not in self._workers:

@@ -143,3 +143,29 @@ def test_a_checkpoint_judged_while_the_machine_is_short_of_memory_or_disk_is_jud
     held = next(e for e in events if isinstance(e, CheckpointJudged))
     assert held.reason.startswith("warmup: ")
     assert "(this machine was short of memory or disk: judged again" in held.reason
+
+
+def test_what_a_failed_file_built_is_released_when_it_is_judged_not_at_the_next_swap(project: Project, monkeypatch):
+    """glibc's heap pages and torch's CUDA cache are given back after a rejection too (memory.release)."""
+    import weakref
+
+    from reloader import gate as gates
+    from reloader.gate import Gate
+    from reloader.optimize import prepare_module
+
+    released, built = [], []
+    real_release = gates.release
+    monkeypatch.setattr(gates, "release", lambda: (released.append(len(built)), real_release())[1])
+
+    def prepare(module, config):
+        built.append(weakref.ref(module))
+        return prepare_module(module, config)
+
+    gate = Gate("colours", load_config(project.config).models["colours"], prepare)
+    wrong = gate.judge(project.save("colours-v2.pt", colour_state_dict(permute=(1, 0, 2))))  # fails its warm-up
+    assert not wrong.passed and wrong.report.failed_check.name == "warmup"
+    assert released == [1] and built[0]() is None  # gone when judge returned: nothing kept it
+    unreadable = project.checkpoints / "colours-v3.pt"
+    unreadable.write_bytes(b"not a checkpoint")
+    assert not gate.judge(unreadable).passed and released == [1]  # nothing was loaded: nothing to give back
+    assert gate.judge(project.save("colours-v1.pt")).passed and released == [1]
