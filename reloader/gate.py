@@ -26,6 +26,7 @@ from .files import shown
 from .hardware import Hardware
 from .images import Preprocessor, stack_images
 from .memory import release
+from .optimize import compile_missing
 from .precision import Evidence, Form, Unfaithful, choose, served
 from .report import CheckResult, EvaluationResult, ValidationReport, VariantResult, ms_since
 from .signing import SignatureCheck
@@ -115,6 +116,9 @@ class Gate:
         why = self.hardware.why_not(config.precision, self.device) if config.precision != "auto" else None
         if why is not None:
             raise ConfigError(f"models.{name}.precision: {why}; use fp32, or auto to take it only where it runs")
+        missing = compile_missing(self.device) if config.optimize == "compile" else None
+        if missing is not None:  # else every file would fail its warm-up with Inductor's error
+            raise ConfigError(f"models.{name}.optimize: compile needs {missing}; or use optimize: none")
         self.warmup = self._warmup_images()
         self.signature = None if config.signature is None else SignatureCheck(name, config.signature)
         spec = config.evaluation

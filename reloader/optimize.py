@@ -8,6 +8,7 @@ it a few percent more; inference_mode is applied per forward in `compute.run_for
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections import Counter
 from typing import cast
@@ -35,6 +36,20 @@ def prepare_module(module: torch.nn.Module, config: ModelConfig) -> torch.nn.Mod
     if config.optimize == "compile":
         module = compile_module(module, config.preprocess.crop, config.batch.max_size)
     return module
+
+
+def compile_missing(device: str) -> str | None:
+    """What torch.compile lacks for `device` on this machine, or None: Inductor builds C++ for the CPU (at
+    run time: the container image has no compiler) and Triton kernels for CUDA."""
+    if device != "cpu":
+        return None if importlib.util.find_spec("triton") else "Triton for Inductor's CUDA kernels, not installed"
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler where none answers --version
+        return f"a C++ compiler for Inductor, and none was found ({type(exc).__name__}; install g++)"
+    return None
 
 
 def compile_module(module: torch.nn.Module, side: int, max_batch: int) -> torch.nn.Module:

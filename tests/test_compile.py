@@ -147,3 +147,20 @@ def test_serving_goes_on_while_a_module_compiles_and_never_runs_while_torch_fx_t
     assert wrong == []
     assert calls_seen and all(calls_seen), "a live forward pass ran while torch.fx had nn.Module patched"
     torch.testing.assert_close(run_forward(compiled, batch), run_forward(candidate, batch))
+
+
+def test_compile_without_a_cpp_compiler_is_a_config_error_naming_the_key(project: Project):
+    """Not a warm-up failure with Inductor's error for every file: the container image has no g++."""
+    import torch._inductor.config as inductor_config
+
+    from reloader.errors import ConfigError
+
+    compiled = colours_yaml().replace("    version: latest\n", "    version: latest\n    optimize: compile\n")
+    project.write_config(compiled)
+    config = load_config(project.config).models["colours"]
+    with (
+        inductor_config.patch({"cpp.cxx": ("no-such-c++",)}),
+        pytest.raises(ConfigError, match=r"^models\.colours\.optimize: compile needs a C\+\+ compiler for Inductor"),
+    ):
+        Gate("colours", config, prepare_module)
+    assert Gate("colours", config, prepare_module).config.optimize == "compile"  # g++ is here
