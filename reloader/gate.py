@@ -114,6 +114,8 @@ class Gate:
         except ValueError as exc:
             raise ConfigError(f"models.{name}.device: {exc}") from exc
         why = self.hardware.why_not(config.precision, self.device) if config.precision != "auto" else None
+        if why is not None and config.device == "auto" and self.hardware.why_not(config.precision, "cpu") is None:
+            self.device, why = "cpu", None  # auto: the GPU where it runs the precision asked, else the CPU
         if why is not None:
             raise ConfigError(f"models.{name}.precision: {why}; use fp32, or auto to take it only where it runs")
         missing = compile_missing(self.device) if config.optimize == "compile" else None

@@ -65,6 +65,17 @@ def test_int8_is_calibrated_on_the_golden_images_and_proven_like_bf16(project: P
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in judged.module.modules())
 
 
+def test_device_auto_takes_the_cpu_for_a_precision_the_gpu_does_not_run(project: Project):
+    """int8 on a GPU host, bf16 on a pre-Ampere one: a config that runs on a CPU host did not run there."""
+    volta_on_a_xeon = Hardware(XEON.cpu_model, XEON.cpu_flags, 1, ((7, 0),))
+    for precision, device in (("int8", "cpu"), ("bf16", "cpu"), ("fp16", "cuda"), ("fp32", "cuda")):
+        config = configure(project, precision).model_copy(update={"device": "auto"})
+        assert Gate("colours", config, prepare_module, volta_on_a_xeon).device == device, precision
+    on_the_gpu = configure(project, "bf16").model_copy(update={"device": "cuda"})
+    with pytest.raises(ConfigError, match=r"^models\.colours\.precision: cuda \(compute capability 7\.0\) has no"):
+        Gate("colours", on_the_gpu, prepare_module, volta_on_a_xeon)
+
+
 def test_bf16_is_offered_only_on_a_cpu_with_native_bf16():
     assert XEON.why_not("bf16", "cpu") is None
     assert Hardware("Xeon", frozenset({"avx512_bf16"}), 0).why_not("bf16", "cpu") is None
