@@ -42,8 +42,11 @@ def live_of(daemon) -> dict | None:
 
 
 def wait_live(daemon, path: Path) -> dict:
+    """Until `path`'s object serves and the pass that swapped it has published its file list and error
+    (the swap happens mid-pass: a status read between the two shows the new live beside the old list)."""
     digest = sha256(path)
     wait_until(lambda: (live_of(daemon) or {}).get("sha256") == digest, what=f"{path.name} to serve")
+    wait_until(lambda: (file_entry(daemon, path.name) or {}).get("status") == "live", what=f"{path.name} listed live")
     return daemon.status()
 
 
