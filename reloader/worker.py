@@ -188,8 +188,7 @@ class ModelWorker(LoopThread):
         logger.exception("model %s: reload pass failed: %s: %s", self.name, type(exc).__name__, exc)
         self._bus.publish(ReloadFailed(self.name, f"{type(exc).__name__}: {exc}"))
         with self._lock:
-            error = f"reload pass failed: {type(exc).__name__}: {exc}"
-            self._found = replace(self._found, error=error)
+            self._found = replace(self._found, error=f"reload pass failed: {type(exc).__name__}: {exc}")
 
     def _pass(self) -> None:
         with self._lock:
@@ -209,6 +208,7 @@ class ModelWorker(LoopThread):
             decision = plan(listing, self._serving(config), config.version, known, canary, config.max_checkpoint_bytes)
             if isinstance(decision, Settled):
                 break
+            self._idle.clear()  # a scheduled listing's pass too: `reloading` from its first file until it publishes
             path = decision.candidate.path
             if isinstance(decision, Hash):
                 try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import threading
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,51 @@ def test_what_a_failed_file_built_is_released_when_it_is_judged_not_at_the_next_
     unreadable.write_bytes(b"not a checkpoint")
     assert not gate.judge(unreadable).passed and released == [1]  # nothing was loaded: nothing to give back
     assert gate.judge(project.save("colours-v1.pt")).passed and released == [1]
+
+
+class ListedOnSchedule(LocalFolder):
+    """A folder listed when its poll is due, as a bucket is (nothing wakes its worker); a fetch can be held."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.due: float | None = None
+        self.fetching, self.go = threading.Event(), threading.Event()
+
+    def next_poll(self) -> float | None:
+        return self.due
+
+    def listing(self, now: float, signed: bool = False):
+        self.due = None  # one scheduled listing
+        return super().listing(now, signed)
+
+    def fetch(self, candidate):
+        self.fetching.set()
+        assert self.go.wait(30)
+        return super().fetch(candidate)
+
+
+def test_a_pass_a_scheduled_listing_starts_shows_reloading_until_it_has_published(project: Project):
+    """The status's `reloading` (and wait_idle) covered only passes an event started, so a bucket's swap
+    read as idle while the status's file list still showed the version before it."""
+    config = load_config(project.config)
+    bus, registry = EventBus(), Registry()
+    folder = ListedOnSchedule("colours", config.models["colours"].checkpoints, config.watch, bus)
+    worker = ModelWorker("colours", config.models["colours"], folder, Shared(registry, bus))
+    folder.go.set()
+    worker.start()
+    try:
+        assert worker.wait_idle(30) and registry.get("colours") is None  # nothing in the folder yet
+        good = project.save("colours-v1.pt")
+        folder.go.clear()
+        folder.due = 0.0  # the poll is due: no event, no rescan()
+        worker.wake()
+        assert folder.fetching.wait(30)
+        assert worker.reloading and not worker.wait_idle(0)
+        folder.go.set()
+        assert worker.wait_idle(30)
+        assert registry.get("colours").sha256 == sha256(good)
+        assert [(f.path, f.status.value) for f in worker.found().files] == [(good, "live")]
+        assert not worker.reloading
+    finally:
+        folder.go.set()
+        worker.stop()
