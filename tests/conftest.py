@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from tinynet import COLOURS, colour_state_dict  # noqa: E402
 RGB = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
 # Deadlines are generous: CI shares two cores between the daemon, the test and torch's threads.
 DEADLINE = 30.0
+LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = DEADLINE, interval: float = 0.02, what: str = "") -> Any:
@@ -128,6 +130,9 @@ def project(tmp_path: Path) -> Project:
 
 
 def free_port() -> int:
+    """A port free now, for a server that must know its port before it starts (nginx's upstreams, a moto
+    restarted on the same endpoint). Another process can take it before that server binds it: a daemon the
+    tests start binds port 0 instead, and its log says which port it got (`start_daemon`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -149,7 +154,7 @@ def reloader_cmd(*args: str) -> list[str]:
 
 @dataclass
 class Daemon:
-    """A `reloader serve` subprocess on a free port."""
+    """A `reloader serve` subprocess, on the port it bound when told port 0."""
 
     proc: subprocess.Popen[str]
     port: int
@@ -158,6 +163,14 @@ class Daemon:
 
     def __post_init__(self) -> None:
         self.client = httpx.Client(base_url=self.url, timeout=DEADLINE)
+
+    def bound_port(self) -> int | None:
+        """The port uvicorn's start-up line names (the daemon was told port 0), once it has bound one."""
+        found = LISTENING.search(self.log())
+        if found and not self.port:
+            self.port = int(found[1])
+            self.client.base_url = httpx.URL(self.url)
+        return self.port or None
 
     @property
     def url(self) -> str:
@@ -226,23 +239,24 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         prefix: Sequence[str] = (),
     ) -> Daemon:
         """`args` go after `serve`, `options` (--log-format) before it; `prefix` wraps the command (strace)."""
-        port = free_port()
         log_path = tmp_path / "logs" / f"daemon-{len(started)}.log"
         log_path.parent.mkdir(exist_ok=True)
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
-                [*prefix, *reloader_cmd(*options, "serve", "--config", str(config), "--port", str(port), *args)],
+                [*prefix, *reloader_cmd(*options, "serve", "--config", str(config), "--port", "0", *args)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=subprocess_env(**(env or {})),
                 text=True,
             )
-        daemon = Daemon(proc, port, log_path)
+        daemon = Daemon(proc, 0, log_path)
         started.append(daemon)
 
         def up() -> bool:
             if proc.poll() is not None:
                 pytest.fail(f"daemon exited with {proc.returncode}:\n{daemon.log()}")
+            if daemon.bound_port() is None:
+                return False
             try:
                 response = daemon.get("/readyz" if ready else "/healthz")
             except httpx.TransportError:
