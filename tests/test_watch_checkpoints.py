@@ -147,11 +147,13 @@ def test_a_writer_pausing_with_the_file_open_is_never_judged_before_its_close(ru
     assert writer.stdout.readline() == "half\n"
     # The pause outlasts the quiet period after which a file without a close counts as finished: the
     # daemon looks at it, finds it still open for writing, and leaves it unjudged.
-    wait_until(
-        lambda: any(e["event"] == "incomplete" and e["file"] == str(target) for e in daemon.status()["events"]),
+    # The file list is the pass's, published when it ends: wait on it, not on the event sent mid-pass.
+    entry = wait_until(
+        lambda: (f := daemon.file_status(target)) and "open for writing" in (f["reason"] or "") and f,
         what="the daemon to look at the paused file",
     )
-    assert "open for writing" in daemon.file_status(target)["reason"]
+    assert entry["status"] == "incomplete"
+    assert any(e["event"] == "incomplete" and e["file"] == str(target) for e in daemon.status()["events"])
     assert validations(daemon, target) == 0
     assert daemon.predict().json()["version"] == 1
 
