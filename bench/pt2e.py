@@ -25,7 +25,7 @@ Last (`served_path`), the form the gate builds: int8.pt2e_int8 exports, quantize
 time (AOTInductor) in a child process, which exits with all of that, and this process loads the package.
 Its build time, answers, speed beside FX, and this process's RSS over builds made while the last one
 serves; and what a package costs per load with its weights inside the compiled library or beside it, as
-AOTInductor writes its interface and as int8.py has it written (`int8.unpinned_interface`).
+AOTInductor writes its interface and as packages.py has it written (`packages.unpinned_interface`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 import torchvision
 from torch import nn
 
-from reloader import int8, memory
+from reloader import int8, memory, packages
 from reloader.hardware import Hardware
 from reloader.optimize import prepare_module
 from reloader.precision import build, compare
@@ -71,17 +71,17 @@ def aoti_loads(
     fp32: nn.Module, calibration: torch.Tensor, x: torch.Tensor, weights_inside: bool, unpinned: bool
 ) -> list[float]:
     """RSS (MiB) after each of several loads of one AOTInductor package of the PT2E form, each dropped before
-    the next, with its weights inside the compiled library (AOTInductor's default) or beside it (int8.py),
-    and its interface as AOTInductor writes it or `unpinned` (int8.py: for this process from then on)."""
-    # AOTInductor's default keeps the weights inside the library; int8.py's options keep them beside it.
-    options = {"freezing": True} if weights_inside else int8.PACKAGE_OPTIONS
+    the next, with its weights inside the compiled library (AOTInductor's default) or beside it (packages.py),
+    and its interface as AOTInductor writes it or `unpinned` (packages.py: for this process from then on)."""
+    # AOTInductor's default keeps the weights inside the library; packages.py's options keep them beside it.
+    options = {"freezing": True} if weights_inside else packages.PACKAGE_OPTIONS
     if unpinned:
-        int8.unpinned_interface()
+        packages.unpinned_interface()
     rss = []
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         path = str(Path(folder) / "int8.pt2")
         graph = int8.quantized(fp32, calibration, len(x))
-        int8.compile_package(graph, calibration, len(x), Path(path), options)
+        packages.compile_package(graph, calibration, len(x), Path(path), options)
         for _ in range(BUILDS):
             package = torch._inductor.aoti_load_package(path)
             package(x)
@@ -126,7 +126,7 @@ def served_path(fp32: nn.Module, calibration: torch.Tensor, x: torch.Tensor) -> 
     for inside, unpinned in ((True, False), (False, False), (True, True), (False, True)):
         loads = aoti_loads(fp32, calibration, x, inside, unpinned)
         where = "inside the library" if inside else "beside it"
-        how = "int8.py's interface" if unpinned else "AOTInductor's interface"
+        how = "packages.py's interface" if unpinned else "AOTInductor's interface"
         readings = ", ".join(f"{r:.0f}" for r in loads)
         print(f"RSS after each load of one package, weights {where}, {how} (MiB): {readings}")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
+import time
 from collections import Counter
 from typing import cast
 
@@ -17,8 +19,10 @@ import torch
 from torch import fx
 from torch.nn.utils.parametrize import is_parametrized
 
+from . import packages
 from .compute import FORWARD_LOCK, TRACE_LOCK, compile_forward
 from .config import ModelConfig
+from .errors import short_of_resources
 
 logger = logging.getLogger("reloader.optimize")
 
@@ -52,15 +56,70 @@ def compile_missing(device: str) -> str | None:
     return None
 
 
+# Set by the server once its initial load is done and it serves: from then on, a compile this process has
+# not done yet runs in a child process. The definitions compiled in this process (`_definition`) are reused
+# by its later compiles: resnet18 with a checkpoint's new weights took 0.3 s here, against 36 s cold.
+SERVING = threading.Event()
+_compiled_here: set[tuple[object, ...]] = set()
+_compiled_lock = threading.Lock()
+
+
 def compile_module(module: torch.nn.Module, side: int, max_batch: int) -> torch.nn.Module:
-    """torch.compile with Inductor's freezing, compiled now, on the calling (reload) thread, while serving
-    goes on (compute.compile_forward: resnet18's cold compile here took 64 s, 3.4 s of it in turns with serving).
+    """`module` compiled by Inductor with freezing, for batches of 1 to max_batch images of side x side.
+
+    Where it compiles (measured on resnet18, Zen 3, alone):
+    - in this process, before the server serves (nothing to slow down: 36 s cold, 19 s of it this process's
+      CPU), and for a definition this process has compiled before (new weights: 0.3 s);
+    - otherwise, on the CPU while the server serves (a config edit turning compile on, say), ahead of time in
+      a child process (packages.py: 19 s, 0.3 s of it this process's), which this process only loads.
+      Compiled here instead, the compile held this process's GIL for most of its Python work, whatever its
+      thread's priority, and serving's p99 was about 3x steady for all of it (bench/compiling.py).
+    A module torch.export cannot take, or a child that fails, compiles here, with a warning saying why.
 
     Freezing treats the weights as constants: Inductor folds what depends only on them (a bf16 form's
-    casts) and lays them out for oneDNN once, instead of at every call; it needs the inference-mode
-    call `compile_forward` makes. One compile worker, not one per core: the compile runs at the reload
-    thread's low priority, and a pool of workers would not. Measured on resnet18, batch 8, by the gate
-    here: bf16 weights 1.17x eager, fp32 about 1x (oneDNN's eager convolutions are what Inductor calls)."""
+    casts) and lays them out for oneDNN once, instead of at every call. Measured on resnet18, batch 8, by
+    the gate here: bf16 weights 1.17x eager, fp32 about 1x (oneDNN's eager convolutions are what Inductor calls)."""
+    device = next(module.parameters(), torch.empty(0)).device
+    key = _definition(module, side, max_batch, device)
+    with _compiled_lock:
+        here = key in _compiled_here or not SERVING.is_set() or device.type != "cpu"
+    if not here:
+        started = time.monotonic()
+        try:
+            built = packages.compiled(module, torch.zeros(2, 3, side, side), max_batch)
+            logger.info(
+                "%s compiled ahead of time by a child process in %.1f s",
+                type(module).__name__,
+                time.monotonic() - started,
+            )
+            return built
+        except Exception as exc:  # export and compile run user code: a factory's forward can fail in any way
+            if short_of_resources(exc):
+                raise  # the machine's state, not the module's: the gate judges the file again later
+            logger.warning(
+                "compiling ahead of time in a child process failed, so this process compiles (serving slows "
+                "meanwhile): %s: %s",
+                type(exc).__name__,
+                exc,
+            )
+    compiled = compile_in_process(module, side, max_batch)
+    with _compiled_lock:
+        _compiled_here.add(key)
+    return compiled
+
+
+def _definition(module: torch.nn.Module, side: int, max_batch: int, device: torch.device) -> tuple[object, ...]:
+    """What a compile's generated code depends on: the module's class, its tensors' names, shapes and
+    dtypes (resnet18 and resnet50 are one class), and the images it takes. Not the weights' values."""
+    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in (*module.named_parameters(), *module.named_buffers()))
+    return (type(module), tensors, side, max_batch, str(device))
+
+
+def compile_in_process(module: torch.nn.Module, side: int, max_batch: int) -> torch.nn.Module:
+    """torch.compile with Inductor's freezing, compiled now, on the calling (reload) thread, while serving
+    goes on (compute.compile_forward: resnet18's cold compile here took 64 s, 3.4 s of it in turns with
+    serving). Freezing needs the inference-mode call `compile_forward` makes. One compile worker, not one per
+    core: the compile runs at the reload thread's low priority, and a pool of workers would not."""
     import torch._inductor.config as inductor_config
 
     inductor_config.compile_threads = 1

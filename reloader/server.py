@@ -14,7 +14,7 @@ from types import FrameType
 
 import uvicorn
 
-from . import openapi
+from . import openapi, optimize
 from .app import Service, build_app
 from .batching import Batcher
 from .canary import Canaries
@@ -25,7 +25,6 @@ from .events import CheckpointJudged, ConfigRejected, Event, EventBus, Outcome
 from .logs import log_event
 from .metrics import Metrics, RequestMetrics
 from .notify import Notifier
-from .optimize import prepare_module
 from .registry import Registry
 from .supervisor import Supervisor
 from .threads import Parts
@@ -111,7 +110,8 @@ class Daemon:
         self.metrics = Metrics()
         canaries = Canaries()
         self.batcher = Batcher(current=self.registry.get, on_batch=self.metrics.batch_done, shadow=canaries.get)
-        shared = Shared(self.registry, self.bus, prepare_module, canaries=canaries, pressure=self.batcher.pressure)
+        prepare = optimize.prepare_module
+        shared = Shared(self.registry, self.bus, prepare, canaries=canaries, pressure=self.batcher.pressure)
         self.supervisor = Supervisor(config, shared)
         self.bus.subscribe(self.metrics.on_event)
         self.bus.subscribe(self._on_event)
@@ -183,6 +183,7 @@ class Daemon:
         # it out of the collector, so the gc.collect() after each swap takes milliseconds, not 150.
         gc.freeze()
         logger.info("initial load done: %s", self.summary(), extra={"event": "loaded"})
+        optimize.SERVING.set()  # a compile not done yet runs in a child process from now on
         try:
             self.parts.start(Watcher.PART)
             self.server.run()

@@ -481,7 +481,7 @@ def test_precision_device_and_fidelity_outside_their_ranges_are_config_errors(pr
 def test_under_compile_int8_is_also_built_by_pt2e_in_a_child_process_and_proven_beside_fx(project: Project):
     import multiprocessing
 
-    from reloader.int8 import Packaged
+    from reloader.packages import Packaged
 
     # Batches of 2 at most: the 3 golden images that calibrate it are more than a batch.
     config = configure(project, "int8", extra="    batch: {max_size: 2}\n").model_copy(update={"optimize": "compile"})
@@ -520,17 +520,18 @@ def test_a_dropped_pt2e_package_is_unloaded_while_the_threads_that_ran_it_live_o
     import gc
     import threading
 
-    from reloader import int8
+    from reloader.int8 import quantized
+    from reloader.packages import Packaged, package
 
     images = torch.rand(4, 3, 16, 16)
-    path = int8.package(colour_net().eval().requires_grad_(False), images, 4, tmp_path)
+    path = package(colour_net().eval().requires_grad_(False), images, 4, tmp_path, quantized)
 
     def mapped() -> set[str]:
         with open("/proc/self/maps") as maps:
             return set(re.findall(r"/\S*aotinductor_\S*\.wrapper\.so", maps.read()))
 
     before, answers, dropped = mapped(), [], threading.Event()
-    packages = [int8.Packaged(path, (3, 16, 16), 4) for _ in range(3)]  # each load extracts its own library
+    packages = [Packaged(path, (3, 16, 16), 4) for _ in range(3)]  # each load extracts its own library
     loaded = mapped() - before
 
     def serve() -> None:  # as the inference thread does, which lives on
@@ -549,25 +550,25 @@ def test_a_dropped_pt2e_package_is_unloaded_while_the_threads_that_ran_it_live_o
     assert len(loaded) == 3
     for wrong in (torch.rand(2, 3, 8, 8), torch.rand(5, 3, 16, 16)):  # its kernels would read out of bounds
         with pytest.raises(ValueError, match=r"takes batches of 1 to 4 images of \(3, 16, 16\)"):
-            int8.Packaged(path, (3, 16, 16), 4)(wrong)
-    # The first package a process loads stays: glibc makes some of its symbols process-wide (int8.py).
+            Packaged(path, (3, 16, 16), 4)(wrong)
+    # The first package a process loads stays: glibc makes some of its symbols process-wide (packages.py).
     assert len(left) <= 1, f"{len(left)} of 3 dropped packages are still mapped"
 
 
 def test_a_torch_whose_aoti_interface_differs_fails_the_pt2e_build_and_says_so(monkeypatch):
-    from reloader import int8
+    from reloader import packages
 
-    monkeypatch.setattr(int8, "PINNING_SLOT", "static thread_local std::string g_some_other_slot;")
+    monkeypatch.setattr(packages, "PINNING_SLOT", "static thread_local std::string g_some_other_slot;")
     with pytest.raises(RuntimeError, match=r"interface\.cpp no longer declares .*g_some_other_slot"):
-        int8.unpinned_interface()
+        packages.unpinned_interface()
 
 
 def test_a_pt2e_build_past_its_time_is_stopped(monkeypatch):
     import multiprocessing
 
-    from reloader import int8
+    from reloader import int8, packages
 
-    monkeypatch.setattr(int8, "BUILD_TIMEOUT_S", 0.2)  # the child is still starting Python by then
+    monkeypatch.setattr(packages, "BUILD_TIMEOUT_S", 0.2)  # the child is still starting Python by then
     before = set(multiprocessing.active_children())
     with pytest.raises(RuntimeError, match=r"the PT2E int8 build took over 0 s"):
         int8.pt2e_int8(colour_net().eval(), torch.rand(2, 3, 8, 8), 8)

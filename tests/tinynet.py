@@ -57,3 +57,14 @@ class StallingNet(ColourNet):
 
 def stalling_net(num_classes: int = 3) -> nn.Module:
     return StallingNet(num_classes)
+
+
+class BranchingNet(ColourNet):
+    """ColourNet with a branch on the batch's values, which torch.export refuses (data-dependent control
+    flow) and torch.compile takes (a graph break)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = super().forward(x)
+        if bool(x.mean() > 2.0):  # never, for images normalised as served
+            scores = -scores
+        return scores

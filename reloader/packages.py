@@ -1,0 +1,189 @@
+"""Compiled forms built ahead of time (AOTInductor) in a child process, and loaded by the server.
+
+Two kinds: the PT2E int8 form (int8.py); and under `optimize: compile`, once the server serves, a CPU form
+of a definition the server's process has not compiled yet (optimize.compile_module): fp32's, bf16's.
+
+Why a child process:
+- Compiling in the server's process held its GIL for most of the compile's Python work (dynamo, AOTAutograd,
+  Inductor's lowering: 17 s of CPU for resnet18 cold here, 10-14 s with Inductor's caches warm), whatever the
+  compiling thread's nice value: serving's p99 was about 3x steady for the whole compile (bench/compiling.py).
+  A child at nice 19 competes for the cores only, where the kernel's priorities do apply.
+- Built in the server, every PT2E form left memory behind once dropped: 53 MiB per resnet18 build as torch
+  leaves it (bench/pt2e.py). The child exits with all of that.
+
+The server only loads the package, whose weights are kept beside the compiled library, not inside it
+(AOTInductor's default would put them inside, and map them with the library). A dropped package's library
+is unloaded: see `unpinned_interface`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import multiprocessing
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .compute import lower_thread_priority
+
+# Exports and compiles for batches 1 to the model's max_size; the child gets this long to do it.
+BUILD_TIMEOUT_S = 900.0
+
+# AOTInductor's options for the package: the weights beside the compiled library, not inside it.
+PACKAGE_OPTIONS = {
+    "freezing": True,
+    "aot_inductor.package_constants_in_so": False,
+    "aot_inductor.package_constants_on_disk_format": "binary_blob",
+}
+
+
+class BuildFailed(RuntimeError):
+    """The child did not write a package: the module could not be exported or compiled, or it ran too long."""
+
+
+class Packaged(nn.Module):
+    """A loaded AOTInductor package, as serving calls a module: the fp32 batch in, fp32 scores out.
+
+    Its kernels are compiled for images of `image` (C, H, W) in batches of 1 to `max_batch`, and AOTInductor
+    checks no input: a batch of other images would be read out of bounds. Such a batch raises instead (the
+    live version, scored under a config with another crop, say). `eager`, where given, is the module it was
+    compiled from, kept as torch.compile keeps it (`_orig_mod`): the other precisions are built from it."""
+
+    def __init__(self, path: Path, image: tuple[int, ...], max_batch: int, eager: nn.Module | None = None) -> None:
+        super().__init__()
+        self.runner = torch._inductor.aoti_load_package(str(path))
+        self.image, self.max_batch = tuple(image), max_batch
+        if eager is not None:
+            self._orig_mod = eager
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.image or not 1 <= len(x) <= self.max_batch:
+            raise ValueError(
+                f"this compiled package takes batches of 1 to {self.max_batch} images of {self.image}, "
+                f"not {tuple(x.shape)}"
+            )
+        return self.runner(x.contiguous(memory_format=torch.channels_last)).float()
+
+
+# Run by the child on the module before it compiles it (int8.quantized): module, images, max_batch -> module.
+Transform = Callable[[nn.Module, torch.Tensor, int], nn.Module]
+
+
+def compiled(
+    module: nn.Module, images: torch.Tensor, max_batch: int, transform: Transform | None = None, what: str = ""
+) -> Packaged:
+    """`module` (on the CPU) compiled for batches of 1 to max_batch images like `images`, in a child process
+    at the lowest priority; `transform` (a module-level function: the child imports it) runs there first."""
+    with tempfile.TemporaryDirectory(prefix="reloader-compile-") as folder:  # this user's alone (mode 0700)
+        built = package(module, images, max_batch, Path(folder), transform, what)
+        # Read whole: the folder may go. Not the eager module of a transformed form: that one is its own.
+        return Packaged(built, images.shape[1:], max_batch, None if transform else module)
+
+
+def package(
+    module: nn.Module,
+    images: torch.Tensor,
+    max_batch: int,
+    folder: Path,
+    transform: Transform | None = None,
+    what: str = "",
+) -> Path:
+    """The package of `module`, built in a child process into `folder`. The child's output goes to a log file
+    there, not the daemon's: a failure's reason is the log's last line."""
+    path, log, given = folder / "compiled.pt2", folder / "build.log", folder / "module.pt"
+    # Handed over in a file: as multiprocessing arguments, the module's tensors would move into shared
+    # memory, /dev/shm, which a container caps at 64 MB by default.
+    torch.save({"module": module, "images": images}, given)
+    child = multiprocessing.get_context("spawn").Process(
+        target=_build, args=(given, max_batch, path, log, transform), name="reloader-compile", daemon=True
+    )
+    child.start()
+    child.join(BUILD_TIMEOUT_S)
+    what = what or "ahead-of-time compile"
+    if child.is_alive():
+        child.kill()
+        child.join()
+        raise BuildFailed(f"the {what} took over {BUILD_TIMEOUT_S:.0f} s")
+    if child.exitcode != 0 or not path.exists():
+        lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+        last = lines[-1] if lines else "no output"
+        raise BuildFailed(f"the {what} failed (exit code {child.exitcode}): {last}")
+    return path
+
+
+def _build(given: Path, max_batch: int, path: Path, log: Path, transform: Transform | None) -> None:
+    """In the child: transform where asked, then compile and package."""
+    import torch._inductor.config as inductor_config
+
+    with log.open("ab") as out:  # the compiler's processes inherit these too
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+    lower_thread_priority()  # the server's forward goes first, as for every reload (compute.py)
+    # The module as a whole, not a state_dict: the file is the server's own, written a moment ago.
+    handed = torch.load(given, weights_only=False)
+    inductor_config.compile_threads = 1
+    unpinned_interface()
+    with torch.no_grad():
+        module, images = handed["module"], handed["images"]
+        if transform is not None:
+            module = transform(module, images, max_batch)
+        compile_package(module, images, max_batch, path)
+
+
+def example_batch(images: torch.Tensor, max_batch: int) -> tuple[torch.Tensor, tuple[dict[int, object]]]:
+    """An example batch of 2, and the batch dimension the graph takes: 1 to max_batch."""
+    example = images[:2].expand(2, *images.shape[1:]).contiguous(memory_format=torch.channels_last)
+    return example, ({0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))},)
+
+
+def compile_package(
+    module: nn.Module, images: torch.Tensor, max_batch: int, path: Path, options: dict | None = None
+) -> None:
+    """`module` exported for batches of 1 to max_batch and compiled ahead of time into a package at `path`."""
+    example, batch = example_batch(images, max_batch)
+    program = torch.export.export(module, (example,), dynamic_shapes=batch)
+    torch._inductor.aoti_compile_and_package(
+        program, package_path=str(path), inductor_configs=options or PACKAGE_OPTIONS
+    )
+
+
+# AOTInductor's runtime interface keeps each thread's last error in a `thread_local std::string`, cleared by
+# every call into the library. The string's destructor is registered with each thread that calls, and glibc
+# keeps a library loaded while one of its thread destructors is pending: the server's threads live as long as
+# it does, so every package it loaded stayed mapped once dropped, with its deleted file's disk space (0.4 MiB
+# of RSS and 1.7 MB of /tmp per resnet18 build). The same slot, trivially destructible, registers nothing.
+# (The first package a process loads still stays: it defines symbols that glibc makes process-wide,
+# STB_GNU_UNIQUE, and every later one binds to those.)
+PINNING_SLOT = "static thread_local std::string g_aoti_last_error;"
+FREE_SLOT = """namespace {
+struct LastError {
+  char text[1024];
+  void clear() { text[0] = 0; }
+  LastError& operator=(const char* what) { snprintf(text, sizeof text, "%s", what); return *this; }
+  const char* c_str() const { return text; }
+};
+}  // namespace
+static thread_local LastError g_aoti_last_error;"""
+
+
+def unpinned_interface() -> None:
+    """In the build's process: AOTInductor writes its interface with FREE_SLOT for PINNING_SLOT."""
+    from torch._inductor import config
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+
+    source = Path(inspect.getfile(CppWrapperCpu)).parent / "aoti_runtime" / "interface.cpp"
+    text = source.read_text()
+    if PINNING_SLOT not in text:  # as in the torch this project pins; a new one fails the build, and says so
+        raise RuntimeError(f"AOTInductor's {source} no longer declares {PINNING_SLOT!r}")
+    if not config.aot_inductor.dynamic_linkage:
+        raise RuntimeError("AOTInductor's aot_inductor.dynamic_linkage is off: its interface is not inlined")
+
+    def interface(wrapper: CppWrapperCpu) -> None:  # what the method does, with the slot replaced
+        wrapper.header.splice_aot(text.replace(PINNING_SLOT, FREE_SLOT))
+        wrapper.header.splice_aot("\n")
+
+    CppWrapperCpu._write_aoti_interface_header = interface  # type: ignore[method-assign]
