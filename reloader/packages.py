@@ -74,7 +74,11 @@ Transform = Callable[[nn.Module, torch.Tensor, int], nn.Module]
 
 
 def compiled(
-    module: nn.Module, images: torch.Tensor, max_batch: int, transform: Transform | None = None, what: str = ""
+    module: nn.Module,
+    images: torch.Tensor,
+    max_batch: int,
+    transform: Transform | None = None,
+    what: str = "ahead-of-time compile",
 ) -> Packaged:
     """`module` (on the CPU) compiled for batches of 1 to max_batch images like `images`, in a child process
     at the lowest priority; `transform` (a module-level function: the child imports it) runs there first."""
@@ -90,7 +94,7 @@ def package(
     max_batch: int,
     folder: Path,
     transform: Transform | None = None,
-    what: str = "",
+    what: str = "ahead-of-time compile",
 ) -> Path:
     """The package of `module`, built in a child process into `folder`. The child's output goes to a log file
     there, not the daemon's: a failure's reason is the log's last line."""
@@ -103,7 +107,6 @@ def package(
     )
     child.start()
     child.join(BUILD_TIMEOUT_S)
-    what = what or "ahead-of-time compile"
     if child.is_alive():
         child.kill()
         child.join()

@@ -37,15 +37,10 @@ def bucket_yaml(project: Project, cache: Path | None = None) -> str:
     return config + f"cache_dir: {cache or project.root / 'cache'}\ncache_keep: {CACHE_KEEP}\n"
 
 
-def live_of(daemon) -> dict | None:
-    return daemon.status().get("live")
-
-
 def wait_live(daemon, path: Path) -> dict:
     """Until `path`'s object serves and the pass that swapped it has published its file list and error
     (the swap happens mid-pass: a status read between the two shows the new live beside the old list)."""
-    digest = sha256(path)
-    wait_until(lambda: (live_of(daemon) or {}).get("sha256") == digest, what=f"{path.name} to serve")
+    daemon.wait_live(sha256(path))
     wait_until(lambda: (file_entry(daemon, path.name) or {}).get("status") == "live", what=f"{path.name} listed live")
     return daemon.status()
 
