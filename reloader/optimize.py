@@ -8,6 +8,7 @@ it a few percent more; inference_mode is applied per forward in `compute.run_for
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import threading
@@ -19,7 +20,7 @@ import torch
 from torch import fx
 from torch.nn.utils.parametrize import is_parametrized
 
-from . import packages
+from . import libraries, packages
 from .compute import FORWARD_LOCK, TRACE_LOCK, compile_forward
 from .config import ModelConfig
 from .errors import short_of_resources
@@ -38,7 +39,7 @@ def prepare_module(module: torch.nn.Module, config: ModelConfig) -> torch.nn.Mod
     module = module.to(memory_format=torch.channels_last)
     module = fold_batchnorms(module, config.arch)
     if config.optimize == "compile":
-        module = compile_module(module, config.preprocess.crop, config.batch.max_size)
+        module = compile_module(module, config.preprocess.crop, config.batch.max_size, swappable=True)
     return module
 
 
@@ -62,10 +63,14 @@ def compile_missing(device: str) -> str | None:
 SERVING = threading.Event()
 _compiled_here: set[tuple[object, ...]] = set()
 _compiled_lock = threading.Lock()
+# fp32's libraries, built by a child without freezing: a later checkpoint of the definition runs one with its
+# own weights (libraries.py).
+KEPT = libraries.Kept()
 
 
-def compile_module(module: torch.nn.Module, side: int, max_batch: int) -> torch.nn.Module:
-    """`module` compiled by Inductor with freezing, for batches of 1 to max_batch images of side x side.
+def compile_module(module: torch.nn.Module, side: int, max_batch: int, swappable: bool = False) -> torch.nn.Module:
+    """`module` compiled by Inductor, for batches of 1 to max_batch images of side x side: with freezing, but
+    for fp32's form (`swappable`) when a child builds it.
 
     Where it compiles (measured on resnet18, Zen 3, alone):
     - in this process, before the server serves (nothing to slow down: 36 s cold, 19 s of it this process's
@@ -74,6 +79,9 @@ def compile_module(module: torch.nn.Module, side: int, max_batch: int) -> torch.
       a child process (packages.py: 19 s, 0.3 s of it this process's), which this process only loads.
       Compiled here instead, the compile held this process's GIL for most of its Python work, whatever its
       thread's priority, and serving's p99 was about 3x steady for all of it (bench/compiling.py).
+      `swappable` (fp32's form) builds it without freezing and keeps its library (libraries.Kept): a later
+      checkpoint of the definition runs that with its own weights (0.1 s, the check against eager included),
+      instead of building another.
     A module torch.export cannot take, or a child that fails, compiles here, with a warning saying why.
 
     Freezing treats the weights as constants: Inductor folds what depends only on them (a bf16 form's
@@ -86,12 +94,8 @@ def compile_module(module: torch.nn.Module, side: int, max_batch: int) -> torch.
     if not here:
         started = time.monotonic()
         try:
-            built = packages.compiled(module, torch.zeros(2, 3, side, side), max_batch)
-            logger.info(
-                "%s compiled ahead of time by a child process in %.1f s",
-                type(module).__name__,
-                time.monotonic() - started,
-            )
+            built, how = _ahead_of_time(module, key, torch.zeros(2, 3, side, side), max_batch, swappable)
+            logger.info("%s %s in %.1f s", type(module).__name__, how, time.monotonic() - started)
             return built
         except Exception as exc:  # export and compile run user code: a factory's forward can fail in any way
             if short_of_resources(exc):
@@ -108,10 +112,31 @@ def compile_module(module: torch.nn.Module, side: int, max_batch: int) -> torch.
     return compiled
 
 
+def _ahead_of_time(
+    module: torch.nn.Module, key: tuple[object, ...], images: torch.Tensor, max_batch: int, swappable: bool
+) -> tuple[torch.nn.Module, str]:
+    """`module` compiled by a child process or, where swappable and its definition's library is kept, that
+    library with `module`'s weights; and which of the two, for the log."""
+    if not swappable:
+        return packages.compiled(module, images, max_batch), "compiled ahead of time by a child process"
+    library = KEPT.get(key)
+    if library is not None:
+        try:
+            built = packages.on_weights(library, module, images, max_batch)
+            return built, "took the library kept for its definition, with its own weights,"
+        except packages.WeightsRefused as exc:  # a module attribute the key misses that its forward reads, say
+            logger.warning("%s: the library kept for its definition %s; built again", type(module).__name__, exc)
+            KEPT.drop(key)
+    built = packages.compiled(module, images, max_batch, keep=functools.partial(KEPT.put, key))
+    return built, "compiled ahead of time by a child process"
+
+
 def _definition(module: torch.nn.Module, side: int, max_batch: int, device: torch.device) -> tuple[object, ...]:
-    """What a compile's generated code depends on: the module's class, its tensors' names, shapes and
-    dtypes (resnet18 and resnet50 are one class), and the images it takes. Not the weights' values."""
-    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in (*module.named_parameters(), *module.named_buffers()))
+    """What a compile's generated code depends on: the module's class, its tensors' names, shapes, strides
+    and dtypes (resnet18 and resnet50 are one class), and the images it takes. Not the weights' values."""
+    tensors = tuple(
+        (n, tuple(t.shape), t.stride(), t.dtype) for n, t in (*module.named_parameters(), *module.named_buffers())
+    )
     return (type(module), tensors, side, max_batch, str(device))
 
 

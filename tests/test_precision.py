@@ -521,18 +521,18 @@ def test_a_dropped_pt2e_package_is_unloaded_while_the_threads_that_ran_it_live_o
     import threading
 
     from reloader.int8 import quantized
-    from reloader.packages import Packaged, package
+    from reloader.packages import loaded, package
 
     images = torch.rand(4, 3, 16, 16)
     path = package(colour_net().eval().requires_grad_(False), images, 4, tmp_path, quantized)
 
     def mapped() -> set[str]:
         with open("/proc/self/maps") as maps:
-            return set(re.findall(r"/\S*aotinductor_\S*\.wrapper\.so", maps.read()))
+            return set(re.findall(r"/\S*reloader-package-\S*\.wrapper\.so", maps.read()))
 
     before, answers, dropped = mapped(), [], threading.Event()
-    packages = [Packaged(path, (3, 16, 16), 4) for _ in range(3)]  # each load extracts its own library
-    loaded = mapped() - before
+    packages = [loaded(path, (3, 16, 16), 4) for _ in range(3)]  # each load extracts its own library
+    libraries = mapped() - before
 
     def serve() -> None:  # as the inference thread does, which lives on
         with torch.inference_mode():
@@ -547,10 +547,10 @@ def test_a_dropped_pt2e_package_is_unloaded_while_the_threads_that_ran_it_live_o
     left = mapped() - before
     dropped.set()
     serving.join()
-    assert len(loaded) == 3
+    assert len(libraries) == 3
     for wrong in (torch.rand(2, 3, 8, 8), torch.rand(5, 3, 16, 16)):  # its kernels would read out of bounds
         with pytest.raises(ValueError, match=r"takes batches of 1 to 4 images of \(3, 16, 16\)"):
-            Packaged(path, (3, 16, 16), 4)(wrong)
+            loaded(path, (3, 16, 16), 4)(wrong)
     # The first package a process loads stays: glibc makes some of its symbols process-wide (packages.py).
     assert len(left) <= 1, f"{len(left)} of 3 dropped packages are still mapped"
 

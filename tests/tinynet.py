@@ -68,3 +68,37 @@ class BranchingNet(ColourNet):
         if bool(x.mean() > 2.0):  # never, for images normalised as served
             scores = -scores
         return scores
+
+
+class ScaledNet(ColourNet):
+    """ColourNet whose scores are multiplied by `factor`, a Python number: compiled code holds it as written,
+    in no tensor, so two checkpoints of one definition can answer differently with the same weights."""
+
+    def __init__(self, num_classes: int = 3, factor: float = 1.0) -> None:
+        super().__init__(num_classes)
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.factor
+
+
+class OffsetNet(ColourNet):
+    """ColourNet whose forward adds a tensor it makes itself: a compiled constant that is none of its weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + torch.tensor([0.5, 0.0, 0.0])
+
+
+class HeavyNet(nn.Module):
+    """A few wide convolutions: quick to compile, about 0.1 s a forward of 4 small images on two cores."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, 256, 3, padding=1), nn.Conv2d(256, 256, 3, padding=1), nn.Conv2d(256, 256, 3, padding=1)
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(256, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.convs(x)).flatten(1))

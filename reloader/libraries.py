@@ -1,0 +1,230 @@
+"""fp32's compiled libraries under `optimize: compile`, kept per definition and run on each checkpoint's weights.
+
+A package built without freezing (packages.SWAPPABLE_OPTIONS) takes its weights as inputs, so its library
+serves any checkpoint of the definition it was built for (optimize.py): a later checkpoint runs the library
+kept on disk (`Kept`) with a copy of its own weights in a few milliseconds, instead of a 17 s build
+(resnet18 here). The library runs through AOTInductor's C interface, which lets go of the GIL (`Container`).
+
+AOTInductor reads every constant it was built with, unchecked: one not given is read through a null
+pointer. So the library's constants are told apart when it is built, in the child (`write`): the module's
+tensors, by name, with their layouts; and those computed from them when the container starts
+(`_FOLDED_CONST_`: a Linear's weight transposed, 2 MB for resnet18's). A module with any other constant (a
+tensor its forward makes, whose value AOTInductor does not hand back) gets no library: its package serves
+with its own weights, and each of its checkpoints is built again, as the frozen forms' are.
+"""
+
+from __future__ import annotations
+
+import _ctypes
+import ctypes
+import json
+import mmap
+import shutil
+import tempfile
+import threading
+import weakref
+import zipfile
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FOLDED = "_FOLDED_CONST_"  # Inductor's prefix for a constant computed from others (compile_fx.py)
+
+
+def tensors_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's parameters and buffers by name: what a package built without freezing takes."""
+    return dict((*module.named_parameters(), *module.named_buffers()))
+
+
+@dataclass(frozen=True)
+class Library:
+    """A compiled library in `folder`: `model.so`, and `constants.json`: the module tensor each of its
+    constants is, and its layout, by their names in the library."""
+
+    folder: Path
+
+    def exists(self) -> bool:
+        return (self.folder / "model.so").exists()
+
+    def constants(self) -> dict[str, tuple[str, list[object]]]:
+        """By its name in the library: the module tensor each constant is, and its layout (`_layout`)."""
+        written = json.loads((self.folder / "constants.json").read_text())
+        return {name: (fqn, layout) for name, (fqn, layout) in written.items()}
+
+    def runner(self, tensors: Mapping[str, torch.Tensor]) -> Container:
+        """The library's model on a copy of `tensors`. Refused (Unfit) where one is missing, or is not laid out
+        as the one it was built with: the library would read out of bounds."""
+        try:
+            constants = self.constants()
+        except OSError as exc:  # dropped by Kept meanwhile, for a newer definition
+            raise Unfit(f"is gone: {exc}") from exc
+        given = {}
+        for name, (fqn, layout) in constants.items():
+            if fqn not in tensors:
+                raise Unfit(f"takes {fqn!r}, which this module lacks")
+            if layout != _layout(tensors[fqn]):
+                raise Unfit(f"takes {fqn!r} as {layout}, not {_layout(tensors[fqn])}")
+            given[name] = tensors[fqn]
+        return Container(self.folder / "model.so", given)
+
+
+class Unfit(ValueError):
+    """A library cannot run on these tensors."""
+
+
+def _layout(tensor: torch.Tensor) -> list[object]:
+    return [list(tensor.shape), list(tensor.stride()), str(tensor.dtype), tensor.device.type]
+
+
+class _Entry(ctypes.Structure):  # AOTInductorConstantMapEntry (aoti_runtime/interface.h)
+    _fields_ = [("name", ctypes.c_char_p), ("handle", ctypes.c_void_p)]
+
+
+# Prototypes of their own: ctypes.pythonapi's functions are shared with every other user in the process.
+_capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi)
+)
+_capsule = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
+    ("PyCapsule_New", ctypes.pythonapi)
+)
+
+
+def _handle(tensor: torch.Tensor) -> tuple[Any, int]:
+    """A new AtenTensorHandle on `tensor`'s storage: the capsule torch wraps it in, and its address."""
+    capsule = torch._C._aoti.unsafe_alloc_void_ptr_from_tensor(tensor)
+    return capsule, int(_capsule_pointer(capsule, None))
+
+
+class Container:
+    """An AOTInductor library's model, called as a module is: one batch in, its scores out. Its weights are a
+    copy of `constants` (tensors by their names in it), or read from `blob` (a package's weights file).
+
+    Run through AOTInductor's C interface (aoti_runtime/interface.h) by ctypes, which lets go of the GIL for
+    the forward. torch's own runners (AOTIModelContainerRunnerCpu, and the package loader's) hold it
+    throughout: a Python thread beside one ran at 0.6 million steps a second, against 7.7 million beside
+    this one and 9-10 million beside eager's forward (resnet18, batch 8, here). Served at c=16
+    (bench/compiling.py), a compiled resnet18 answered 33.9-34.5 img/s through torch's runners against 41
+    eager, and 40.8 through this one.
+
+    A copy, not the tensors themselves: AOTInductor's user-managed constants (the container started on the
+    caller's tensors, or `load_constants(user_managed=True)`) each take a new reference to their tensor that
+    nothing ever drops (MaybeOwningAtenTensorHandle, torch 2.14.1): every checkpoint's weights stayed in
+    memory after it was gone, 45 MB per resnet18 checkpoint here."""
+
+    def __init__(
+        self, library: Path, constants: Mapping[str, torch.Tensor] | None = None, blob: Path | None = None
+    ) -> None:
+        self._lib = lib = ctypes.CDLL(str(library))
+        container = ctypes.c_void_p()
+        self._check(lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(container), 1, b"cpu", None), "start")
+        self._container = container
+        weakref.finalize(self, _close, lib, container)  # as the last reference goes
+        if constants is not None:
+            self._take(constants)
+        if blob is not None:
+            with blob.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+                weights = (ctypes.c_char * len(mapped)).from_buffer(mapped)
+                try:  # copied into the container's own memory
+                    self._check(lib.AOTInductorModelUpdateConstantsFromBlob(container, weights), "read the weights")
+                finally:
+                    del weights  # the mapping closes only once nothing points into it
+        for what in ("Inputs", "Outputs"):
+            count = ctypes.c_size_t()
+            self._check(getattr(lib, f"AOTInductorModelContainerGetNum{what}")(container, ctypes.byref(count)), what)
+            if count.value != 1:
+                raise Unfit(f"takes {count.value} {what.lower()}, not one batch to one batch of scores")
+
+    def _take(self, constants: Mapping[str, torch.Tensor]) -> None:
+        handles = [_handle(t) for t in constants.values()]
+        names = [name.encode() for name in constants]
+        entries = (_Entry * len(handles))(*(_Entry(n, a) for n, (_, a) in zip(names, handles, strict=True)))
+        try:  # copied into the container's own memory, every constant checked given
+            update = self._lib.AOTInductorModelContainerUpdateConstantBufferPairs
+            self._check(update(self._container, entries, ctypes.c_size_t(len(handles)), False, True), "take weights")
+        finally:
+            torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs([c for c, _ in handles])  # ours: dropped
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        _, address = _handle(batch)  # the run takes it over
+        inputs, outputs = (ctypes.c_void_p * 1)(address), (ctypes.c_void_p * 1)()
+        run = self._lib.AOTInductorModelContainerRun
+        self._check(run(self._container, inputs, ctypes.c_size_t(1), outputs, ctypes.c_size_t(1), None, None), "run")
+        return torch._C._aoti.alloc_tensor_by_stealing_from_void_ptr(_capsule(outputs[0], None, None))
+
+    def _check(self, code: int, what: str) -> None:
+        if code != 0:
+            message = ctypes.c_char_p()
+            self._lib.AOTInductorGetLastError(ctypes.byref(message))
+            raise RuntimeError(f"AOTInductor could not {what}: {(message.value or b'').decode(errors='replace')}")
+
+
+def _close(lib: ctypes.CDLL, container: ctypes.c_void_p) -> None:
+    """The container deleted, then the library closed: ctypes never closes one itself, and a dropped
+    package's library would stay mapped for the process's life (packages.unpinned_interface)."""
+    lib.AOTInductorModelContainerDelete(container)
+    _ctypes.dlclose(lib._handle)
+
+
+def write(package: Path, module: nn.Module, folder: Path) -> str | None:
+    """In the child that built `package` from `module`: its library, and what each constant of it is, in
+    `folder`; or, where it cannot run on a module's tensors alone, nothing, and why."""
+    unpacked = folder / "package"
+    with zipfile.ZipFile(package) as archive:
+        archive.extractall(unpacked)
+    so = next(unpacked.rglob("*.so"))
+    # Started from the package's own weights (beside the library), only to read its constants' names.
+    container = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so), 1)
+    names = container.get_constant_names_to_original_fqns()
+    own = tensors_of(module)
+    constants = {name: (fqn, _layout(own[fqn])) for name, fqn in names.items() if fqn in own}
+    unknown = [name for name in names if name not in constants and not name.startswith(FOLDED)]
+    if not unknown:
+        (folder / "constants.json").write_text(json.dumps(constants))
+        shutil.move(so, folder / "model.so")
+    shutil.rmtree(unpacked)
+    return f"constants that are none of the module's tensors: {', '.join(unknown[:3])}" if unknown else None
+
+
+class Kept:
+    """Libraries kept for later checkpoints, one per definition, for the newest `limit` definitions: in a
+    folder of this process's (resnet18's library: 1.7 MB), removed when the process exits."""
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._folders: OrderedDict[Hashable, Path] = OrderedDict()
+        self._lock = threading.Lock()
+        self._root: Path | None = None
+        self._count = 0
+
+    def get(self, key: Hashable) -> Library | None:
+        with self._lock:
+            if key not in self._folders:
+                return None
+            self._folders.move_to_end(key)
+            return Library(self._folders[key])
+
+    def put(self, key: Hashable, library: Library) -> Library:
+        """`library`, moved into the kept folder as `key`'s (replacing any before). The oldest beyond `limit` go."""
+        with self._lock:
+            if self._root is None:
+                self._root = Path(tempfile.mkdtemp(prefix="reloader-libraries-"))  # this user's alone (0700)
+                weakref.finalize(self, shutil.rmtree, self._root, ignore_errors=True)  # also at exit
+            self._count += 1
+            folder = Path(shutil.move(library.folder, self._root / str(self._count)))
+            if key in self._folders:
+                shutil.rmtree(self._folders.pop(key), ignore_errors=True)
+            self._folders[key] = folder
+            while len(self._folders) > self.limit:
+                shutil.rmtree(self._folders.popitem(last=False)[1], ignore_errors=True)
+            return Library(folder)
+
+    def drop(self, key: Hashable) -> None:
+        with self._lock:
+            folder = self._folders.pop(key, None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
