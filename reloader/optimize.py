@@ -126,7 +126,7 @@ def _ahead_of_time(
             return built, "took the library kept for its definition, with its own weights,"
         except packages.WeightsRefused as exc:  # a module attribute the key misses that its forward reads, say
             logger.warning("%s: the library kept for its definition %s; built again", type(module).__name__, exc)
-            KEPT.drop(key)
+            KEPT.drop(key, library)
     built = packages.compiled(module, images, max_batch, keep=functools.partial(KEPT.put, key))
     return built, "compiled ahead of time by a child process"
 

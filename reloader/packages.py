@@ -202,6 +202,8 @@ def _build(given: Path, max_batch: int, path: Path, log: Path, transform: Transf
         module, images = handed["module"], handed["images"]
         if transform is not None:
             module = transform(module, images, max_batch)
+        if swappable:
+            libraries.compacted(module)
         compile_package(module, images, max_batch, path, SWAPPABLE_OPTIONS if swappable else None)
         if swappable:
             (path.parent / "library").mkdir()

@@ -237,8 +237,10 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         env: dict[str, str] | None = None,
         options: Sequence[str] = (),
         prefix: Sequence[str] = (),
+        within: float = DEADLINE,
     ) -> Daemon:
-        """`args` go after `serve`, `options` (--log-format) before it; `prefix` wraps the command (strace)."""
+        """`args` go after `serve`, `options` (--log-format) before it; `prefix` wraps the command (strace);
+        `within`: how long it may take to answer (its initial load runs first)."""
         log_path = tmp_path / "logs" / f"daemon-{len(started)}.log"
         log_path.parent.mkdir(exist_ok=True)
         with open(log_path, "w") as log:
@@ -263,7 +265,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
                 return False
             return response.status_code == 200
 
-        wait_until(up, what="the daemon to answer")
+        wait_until(up, timeout=within, what="the daemon to answer")
         return daemon
 
     yield start

@@ -256,7 +256,8 @@ def test_a_server_compiles_its_initial_load_itself_and_a_definition_edited_in_wh
     live = project.save("colours-v1.pt")
     compiled = colours_yaml().replace("    version: latest\n", "    version: latest\n    optimize: compile\n")
     project.write_config(compiled)
-    daemon = start_daemon(project.config)
+    # Its initial load compiles cold in its own process before it answers: more than 30 s on two busy cores.
+    daemon = start_daemon(project.config, within=300)
     daemon.wait_live(live)
     assert "compiled ahead of time by a child process" not in daemon.log()  # nothing served yet: compiled here
 
@@ -319,6 +320,34 @@ def test_a_kept_library_runs_a_later_checkpoint_and_lets_its_weights_go_with_it(
     del later, packaged
     gc.collect()
     assert weight() is None
+
+
+@pytest.mark.torch_compile
+def test_a_kept_library_runs_a_checkpoint_whose_weights_are_views_into_a_larger_storage(kept_library, monkeypatch):
+    """AOTInductor copies a constant's whole storage from its first element: a view's would overflow the slot,
+    silently, so what the container is given is checked."""
+    library, _, _ = kept_library
+    later = colour(-2.0)
+    flat = torch.zeros(64)
+    flat[10:13] = torch.tensor([0.5, -0.25, 0.125])
+    later.fc.bias = torch.nn.Parameter(flat[10:13], requires_grad=False)  # as torch.save keeps a shared storage
+    assert later.fc.bias.storage_offset() == 10
+    given: list[torch.Tensor] = []
+    start = libraries.Container.__init__
+
+    def container(self: libraries.Container, path: object, constants: dict | None = None, blob: object = None) -> None:
+        given.extend((constants or {}).values())
+        start(self, path, constants, blob)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(libraries.Container, "__init__", container)
+
+    packaged = packages.on_weights(library, later, torch.zeros(2, 3, 32, 32), 4)
+
+    assert given and all(t.storage_offset() == 0 for t in given)
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in given)
+    batch = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(answers(packaged, batch), answers(later, batch))
+    assert later.fc.bias.storage_offset() == 10  # the module's own tensors are left as they were
 
 
 @pytest.mark.torch_compile
