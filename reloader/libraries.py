@@ -78,19 +78,15 @@ class Library:
         """The library's model on a copy of `tensors`. Refused (Unfit) where one is missing, or is not laid out
         as the one it was built with: the library would read out of bounds."""
         try:
-            constants = self.constants()
-        except OSError as exc:  # dropped by Kept meanwhile, for a newer definition
-            raise Unfit(f"is gone: {exc}") from exc
-        given = {}
-        for name, (fqn, layout) in constants.items():
-            if fqn not in tensors:
-                raise Unfit(f"takes {fqn!r}, which this module lacks")
-            given[name] = compact(tensors[fqn])
-            if layout != _layout(given[name]):
-                raise Unfit(f"takes {fqn!r} as {layout}, not {_layout(given[name])}")
-        try:
+            given = {}
+            for name, (fqn, layout) in self.constants().items():
+                if fqn not in tensors:
+                    raise Unfit(f"takes {fqn!r}, which this module lacks")
+                given[name] = compact(tensors[fqn])
+                if layout != _layout(given[name]):
+                    raise Unfit(f"takes {fqn!r} as {layout}, not {_layout(given[name])}")
             return Container(self.folder / "model.so", given)
-        except OSError as exc:  # the library dropped by Kept meanwhile
+        except OSError as exc:  # its files dropped by Kept meanwhile, for a newer definition
             raise Unfit(f"is gone: {exc}") from exc
 
 
@@ -233,13 +229,21 @@ def _close(lib: ctypes.CDLL, container: ctypes.c_void_p) -> None:
         _ctypes.dlclose(lib._handle)
 
 
+def unpack(package: Path, folder: Path) -> tuple[Path, Path | None]:
+    """`package` extracted into `folder`: its one library, and its weights file where it has one."""
+    with zipfile.ZipFile(package) as archive:
+        archive.extractall(folder)
+    found, blobs = list(folder.rglob("*.so")), list(folder.rglob("*_weights.blob"))
+    if len(found) != 1 or len(blobs) > 1:
+        raise Unfit(f"the package holds {len(found)} libraries and {len(blobs)} weights files, not 1")
+    return found[0], blobs[0] if blobs else None
+
+
 def write(package: Path, module: nn.Module, folder: Path) -> str | None:
     """In the child that built `package` from `module`: its library, and what each constant of it is, in
     `folder`; or, where it cannot run on a module's tensors alone, nothing, and why."""
     unpacked = folder / "package"
-    with zipfile.ZipFile(package) as archive:
-        archive.extractall(unpacked)
-    so = next(unpacked.rglob("*.so"))
+    so, _ = unpack(package, unpacked)
     # Started from the package's own weights (beside the library), only to read its constants' names.
     container = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so), 1)
     names = container.get_constant_names_to_original_fqns()

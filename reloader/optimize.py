@@ -134,9 +134,7 @@ def _ahead_of_time(
 def _definition(module: torch.nn.Module, side: int, max_batch: int, device: torch.device) -> tuple[object, ...]:
     """What a compile's generated code depends on: the module's class, its tensors' names, shapes, strides
     and dtypes (resnet18 and resnet50 are one class), and the images it takes. Not the weights' values."""
-    tensors = tuple(
-        (n, tuple(t.shape), t.stride(), t.dtype) for n, t in (*module.named_parameters(), *module.named_buffers())
-    )
+    tensors = tuple((n, tuple(t.shape), t.stride(), t.dtype) for n, t in libraries.tensors_of(module).items())
     return (type(module), tensors, side, max_batch, str(device))
 
 

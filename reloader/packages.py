@@ -32,7 +32,6 @@ import inspect
 import multiprocessing
 import os
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,12 +102,12 @@ Transform = Callable[[nn.Module, torch.Tensor, int], nn.Module]
 def loaded(path: Path, image: tuple[int, ...], max_batch: int, eager: nn.Module | None = None) -> Packaged:
     """The package at `path`, read whole (its file may go), with its own weights, run through AOTInductor's C
     interface (libraries.Container: the GIL let go for the forward)."""
-    with tempfile.TemporaryDirectory(prefix="reloader-package-") as folder, zipfile.ZipFile(path) as archive:
-        archive.extractall(folder)  # the library stays mapped once its file goes
-        library, blobs = list(Path(folder).rglob("*.so")), list(Path(folder).rglob("*_weights.blob"))
-        if len(library) != 1 or len(blobs) > 1:
-            raise BuildFailed(f"the package holds {len(library)} libraries and {len(blobs)} weights files, not 1")
-        return Packaged(libraries.Container(library[0], blob=blobs[0] if blobs else None), image, max_batch, eager)
+    with tempfile.TemporaryDirectory(prefix="reloader-package-") as folder:  # the library stays mapped once it goes
+        try:
+            library, blob = libraries.unpack(path, Path(folder))
+        except libraries.Unfit as exc:
+            raise BuildFailed(str(exc)) from exc
+        return Packaged(libraries.Container(library, blob=blob), image, max_batch, eager)
 
 
 def compiled(
