@@ -139,10 +139,13 @@ def targets(d: dict[str, Any]) -> list[str]:
         return [f"- canary: not measured ({d.get('error', 'no rounds')}): **FAIL**"]
     through, p99 = ratios(d)
     decided = all(r["decided_in_window"] for r in d["rounds"])
-    ok = through >= TARGET_THROUGHPUT and p99 <= TARGET_P99 and decided
+    # The candidate answers as the live version does: every round must promote it, and no request may fail.
+    promoted = sum(r["decision"] == "live" for r in d["rounds"])
+    failed = sum(r[k]["errors"] + r[k]["n503"] for r in d["rounds"] for k in ("plain", "canary"))
+    ok = through >= TARGET_THROUGHPUT and p99 <= TARGET_P99 and decided and promoted == len(d["rounds"]) and not failed
     return [
         f"- canary (median of {len(d['rounds'])} rounds): c={CONCURRENCY} throughput {through:.3f}x "
         f"(target >= {TARGET_THROUGHPUT}) and p99 {p99:.3f}x (target <= {TARGET_P99}) of the run without a "
-        f"canary; every canary decided inside its window: {'yes' if decided else 'no'}: "
-        f"**{'PASS' if ok else 'FAIL'}**"
+        f"canary; every canary decided inside its window: {'yes' if decided else 'no'}; promoted in "
+        f"{promoted} of {len(d['rounds'])} rounds; {failed} failed requests: **{'PASS' if ok else 'FAIL'}**"
     ]

@@ -22,6 +22,11 @@ from .servers import Server, reset_peak, status_kib
 
 ARCH = "resnet101"
 SWAPS = 3
+TARGETS = (
+    "finite check <= load",
+    "gate total <= 3x (load + one warm-up forward)",
+    "peak RSS during its swap <= baseline + 2.5x the model",
+)
 
 
 def _config(root: Path, folder: Path) -> Path:
@@ -97,7 +102,13 @@ def measure(tmp: Path, logs: Path, make_server: Any) -> dict[str, Any]:
 
 def report_lines(d: dict[str, Any]) -> list[str]:
     if "error" in d:
-        return [f"Not measured: {d['error']}"]
+        return [
+            f"Not measured: {d['error']}",
+            "",
+            "| target | measured | result |",
+            "|---|---|---|",
+            *(f"| {target} | the section failed | **FAIL** |" for target in TARGETS),
+        ]
     mb = d["model_bytes"] / 1024 / 1024
     med = {k: statistics.median(s["checks"][k] for s in d["swaps"]) for k in d["swaps"][0]["checks"]}
     total = statistics.median(s["total_ms"] for s in d["swaps"])
@@ -114,14 +125,15 @@ def report_lines(d: dict[str, Any]) -> list[str]:
         "",
         "| target | measured | result |",
         "|---|---|---|",
-        f"| finite check <= load | {med['finite']:.0f} vs {med['load']:.0f} ms | "
+        f"| {TARGETS[0]} | {med['finite']:.0f} vs {med['load']:.0f} ms | "
         f"{'PASS' if med['finite'] <= med['load'] else '**FAIL**'} |",
-        f"| gate total <= 3x (load + one warm-up forward) | {total:.0f} vs {budget:.0f} ms | "
-        f"{'PASS' if total <= budget else '**FAIL**'} |",
+        f"| {TARGETS[1]} | {total:.0f} vs {budget:.0f} ms | {'PASS' if total <= budget else '**FAIL**'} |",
     ]
-    if peak is not None:
+    if peak is None or len(peaks) < len(d["swaps"]):
+        # VmHWM could not be reset before a swap (clear_refs refused): that swap's peak is unknown.
+        lines.append(f"| {TARGETS[2]} | peak not read for {len(d['swaps']) - len(peaks)} of the swaps | **FAIL** |")
+    else:
         lines.append(
-            f"| peak RSS during its swap <= baseline + 2.5x the model | +{max(peaks) / 1024:.0f} MiB = {peak:.2f}x | "
-            f"{'PASS' if peak <= 2.5 else '**FAIL**'} |"
+            f"| {TARGETS[2]} | +{max(peaks) / 1024:.0f} MiB = {peak:.2f}x | {'PASS' if peak <= 2.5 else '**FAIL**'} |"
         )
     return lines

@@ -110,7 +110,12 @@ def gate_memory(checkpoint: Path, judgements: int = 6) -> dict[str, Any]:
         del judged
         release()
         rss.append(status_kib(os.getpid(), "VmRSS") / 1024)
-    return {"rss_mib": rss, "checkpoint_mib": checkpoint.stat().st_size / 2**20, "int8_built": int8_built}
+    return {
+        "rss_mib": rss,
+        "checkpoint_mib": checkpoint.stat().st_size / 2**20,
+        "int8_built": int8_built,
+        "int8_native": Hardware.detect().why_not("int8", "cpu") is None,
+    }
 
 
 def side_by_side(fp32: Server, auto: Server, images: list[bytes], rounds: int, duration: float, warmup: float) -> dict:
@@ -229,7 +234,11 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
     rows = ["| target | measured | ratio | result |", "|---|---|---|---|"]
 
     def ratio_of(a: float, b: float) -> float:
-        return a / b if b else float("inf")
+        return a / b if b else float("nan")  # nothing answered: no bound holds
+
+    def lost_at(*levels_: dict[str, Any]) -> int:
+        """Requests that failed at these levels: img/s and p99 count 200s only, so such a level judges nothing."""
+        return sum(r["errors"] + r["n503"] for r in levels_)
 
     def add(target: str, measured: str, ratio: float | None, ok: bool | str | None) -> None:
         verdict = ok if isinstance(ok, str) else NO_AMX if ok is None else "PASS" if ok else "**FAIL**"
@@ -247,19 +256,32 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
         "reported",
     )
     amx = p["forward"]["amx"]
-    # (target, auto's img/s, the other's, the bound on their ratio)
+    # (target, auto's img/s, the other's, the bound on their ratio, failed requests behind the two)
     checks = [
-        ("auto c=16 >= 2.5x fp32 served c=16", side["img_s"]["auto"], side["img_s"]["fp32"], 2.5),
-        ("auto c=16 >= 90% of the in-process limit of its precision", auto["img_s"], auto["limit_img_s"], 0.9),
-        ("auto c=16 >= 2x LitServe fp32 c=16", auto["img_s"], lit["img_s"], 2.0),
-        ("auto c=16 >= 1.1x LitServe bf16 c=16", auto["img_s"], lit_bf16 and lit_bf16["img_s"], 1.1),
+        ("auto c=16 >= 2.5x fp32 served c=16", side["img_s"]["auto"], side["img_s"]["fp32"], 2.5, side["failed"]),
+        (
+            f"auto c=16 >= 90% of the in-process limit of its precision (read at its best batch, {p['auto_batch']})",
+            auto["img_s"],
+            auto["limit_img_s"],
+            0.9,
+            lost_at(auto),
+        ),
+        ("auto c=16 >= 2x LitServe fp32 c=16", auto["img_s"], lit["img_s"], 2.0, lost_at(auto, lit)),
+        (
+            "auto c=16 >= 1.1x LitServe bf16 c=16",
+            auto["img_s"],
+            lit_bf16 and lit_bf16["img_s"],
+            1.1,
+            lit_bf16 and lost_at(auto, lit_bf16),
+        ),
     ]
-    for target, mine, other, bound in checks:
+    for target, mine, other, bound, lost in checks:
         if other is None:
             add(target + " (AMX)", f"{mine:.1f} img/s; {NO_LIT_BF16}", None, "**FAIL**" if amx else None)
             continue
         value = ratio_of(mine, other)
-        add(target + " (AMX)", f"{mine:.1f} vs {other:.1f} img/s", value, value >= bound if amx else None)
+        shown = f"{mine:.1f} vs {other:.1f} img/s" + (f"; {lost} failed requests" if lost else "")
+        add(target + " (AMX)", shown, value, value >= bound and not lost if amx else None)
     compiled = _row(levels, "reloader auto+compile", 16)
     if compiled:
         add(
@@ -283,15 +305,16 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
     if lit_bf16 is None:
         add(target, f"{auto['p99_ms']:.0f} ms; {NO_LIT_BF16}", None, "**FAIL**" if amx else None)
     else:
-        p99 = ratio_of(auto["p99_ms"], lit_bf16["p99_ms"])
-        add(target, f"{auto['p99_ms']:.0f} vs {lit_bf16['p99_ms']:.0f} ms", p99, p99 <= 1.0 if amx else None)
+        p99, lost = ratio_of(auto["p99_ms"], lit_bf16["p99_ms"]), lost_at(auto, lit_bf16)
+        shown = f"{auto['p99_ms']:.0f} vs {lit_bf16['p99_ms']:.0f} ms" + (f"; {lost} failed requests" if lost else "")
+        add(target, shown, p99, p99 <= 1.0 and not lost if amx else None)
     for f, r in p["agreement"]["rows"].items():
         if f[0] == "int8":
             add(
                 "int8 (static, calibrated on the 4 golden images): agreement on the 400 held-out images, reported",
                 f"{r['agreement'] * 100:.2f}%; accuracy {r['accuracy'] * 100:.1f}%",
                 None,
-                True,
+                "reported",
             )
     bf16 = [r for f, r in p["agreement"]["rows"].items() if f[0] == "bf16"]
     worst = min((r["agreement"] for r in bf16), default=None)
@@ -304,17 +327,22 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
     mem = p["agreement"].get("gate_memory")
     if mem:
         rss, size = mem["rss_mib"], mem["checkpoint_mib"]
+        # Where int8 is native, the judgements must have built it: the growth is about its memory above all.
+        missing = mem["int8_native"] and not mem["int8_built"]
+        built = "built and proven each time" if mem["int8_built"] else "not built here"
+        int8 = "native here, not built" if missing else built
         add(
             f"auto with the demo's evaluation set, one checkpoint judged {len(rss)} times in a row (int8 "
-            f"{'built and proven each time' if mem['int8_built'] else 'not built here'}): RSS growth after the "
-            f"first judgement <= the checkpoint's size ({size:.0f} MiB)",
+            f"{int8}): RSS growth after the first judgement <= the checkpoint's size ({size:.0f} MiB)",
             f"{rss[0]:.0f} to {rss[-1]:.0f} MiB",
             (rss[-1] - rss[0]) / size,
-            rss[-1] - rss[0] <= size,
+            rss[-1] - rss[0] <= size and not missing,
         )
     run: SwapRun = p["swaps"]
     failed = run.extra["all"].errors + run.extra["all"].n503
     add(f"auto, swaps under load: 0 failed requests ({len(run.drops)} drops)", f"{failed} failed", None, failed == 0)
+    ok, outcome = run.outcome()
+    add("auto, swaps under load: valid drops go live, invalid ones never serve", outcome, None, ok)
     during, steady = run.swapping.latency_ms(99), run.steady.latency_ms(99)
     add(
         "auto, p99 during swaps <= 1.5x steady (c=16)",

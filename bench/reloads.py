@@ -66,8 +66,28 @@ class SwapRun:
     events: list[dict[str, Any]]
     valid_shas: set[str]
     invalid_shas: set[str]
+    initial_sha: str  # live when the run began
     peak_over_steady_kib: int
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def outcome(self) -> tuple[bool, str]:
+        """Whether the gate did what the drops asked: valid drops went live (at least one; a valid drop skipped
+        because a newer one landed first is fine, a rejected one is not), no invalid drop went live, and every
+        answer came from the initial version or a valid drop. With the row's text."""
+        files = {kind: {e.get("file") for e in self.events if e["event"] == kind} for kind in ("swapped", "rejected")}
+        valid = [str(s.final) for _, s in self.drops if s.kind == "valid"]
+        invalid = [str(s.final) for _, s in self.drops if s.kind != "valid"]
+        went_live = sum(f in files["swapped"] for f in valid)
+        refused = sum(f in files["rejected"] for f in valid)
+        bad_live = sum(f in files["swapped"] for f in invalid)
+        served = set(self.extra["all"].shas)
+        stray = served - self.valid_shas - {self.initial_sha}
+        ok = went_live >= 1 and not refused and not bad_live and not stray
+        text = (
+            f"{went_live} of {len(valid)} valid drops went live, {refused} rejected; {bad_live} of {len(invalid)} "
+            f"invalid drops went live; {len(stray)} of {len(served)} versions that answered not validated"
+        )
+        return ok, text
 
 
 KINDS = ("valid", "truncated", "valid", "nan", "valid", "wrong_classes")
@@ -122,7 +142,9 @@ def swaps_under_load(
                 item.land()
                 k += 1
 
-    async def main() -> tuple[LoadResult, dict[str, Any]]:
+    async def main() -> tuple[LoadResult, dict[str, Any], str]:
+        async with aiohttp.ClientSession() as session:
+            initial = (await _status(session, server.base))["live"]["sha256"]
         load = LoadGenerator(url, images, 16)
         warmup = 1.0
         t0 = time.time() + warmup
@@ -131,11 +153,11 @@ def swaps_under_load(
         async with aiohttp.ClientSession() as session:
             last = drops[-1][1].final if drops else None
             status = await _wait(session, server.base, _settled(last) if last else (lambda s: True), "the last drop")
-        return result, status
+        return result, status, initial
 
     measure(url, images, 16, 3.0)  # the baseline RSS is that of a daemon already serving c=16
     steady_rss = status_kib(server.pid, "VmRSS")
-    result, status = asyncio.run(main())
+    result, status, initial = asyncio.run(main())
     peak = status_kib(server.pid, "VmHWM")
     t0 = windows[0][0] - block_s
     steady_windows = [(t0 + 2 * b * block_s, t0 + (2 * b + 1) * block_s) for b in range(blocks)]
@@ -147,6 +169,7 @@ def swaps_under_load(
         events=status["events"],
         valid_shas={s.sha256 for _, s in drops if s.kind == "valid"},
         invalid_shas={s.sha256 for _, s in drops if s.kind != "valid"},
+        initial_sha=initial,
         peak_over_steady_kib=peak - steady_rss,
         extra={"blocks": blocks, "block_s": block_s, "all": result},
     )

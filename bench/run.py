@@ -234,9 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         with servers.reloader(config, logs, "reloader auto") as server:
             chosen = _chosen(server)
             form, prec["chosen"], prec["fidelity"] = chosen["form"], chosen["chosen"], chosen["fidelity"]
-            levels += _levels(
-                server, f"/models/{workload.MODEL}/predict", images, inprocess.Limit(images, base, form), batch, args
-            )
+            auto_limit = inprocess.Limit(images, base, form)
+            auto_batch = batch  # fp32's best batch; the limit of another precision is read at that one's best
+            if form != ("fp32", "eager"):
+                with server.paused():
+                    auto_batch = auto_limit.table(args.rounds)["best_batch"]
+            prec["auto_batch"] = auto_batch
+            levels += _levels(server, f"/models/{workload.MODEL}/predict", images, auto_limit, auto_batch, args)
             folder = fresh_folder("fp32-beside-auto")
             config = workload.reloader_config(folder.parent, folder, queue_size=QUEUE_SIZE)
             with servers.reloader(config, logs, "reloader fp32 beside auto") as fp32_server:
@@ -303,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
                 "queue_size": QUEUE_SIZE,
                 "model_bytes": workload.state_dict_bytes(base),
                 "file_bytes": len(initial),
-                "initial_sha": workload.sha256(initial),
                 "sha_ms": sha_ms,
                 "table": table,
                 "uploads": uploads_run,
