@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 
 from .compute import name_thread, run_forward
-from .errors import NoFiniteAnswer, OutOfDeviceMemory, Overloaded, RequestTimedOut
+from .errors import NoFiniteAnswer, OutOfDeviceMemory, Overloaded, RequestTimedOut, out_of_memory
 from .images import stack_images
 from .registry import LiveModel
 
@@ -48,8 +48,12 @@ def forward(live: LiveModel, batch: torch.Tensor) -> torch.Tensor:
     """Probabilities for a batch of preprocessed images, on the model's own record."""
     try:
         return run_forward(live.module, batch).float().softmax(dim=1)
-    except torch.OutOfMemoryError as exc:  # CUDA's, say, with a trainer on the same GPU: no fault of the request
-        raise OutOfDeviceMemory(f"{live.name!r} ran out of device memory for a batch of {len(batch)}; retry") from exc
+    except Exception as exc:
+        if not out_of_memory(exc):  # out of memory (a trainer on the same GPU, say) is no fault of the request
+            raise
+    # Raised out of the except block: the memory error's traceback holds the forward's frames, and with them its
+    # tensors on the device, which the next batch needs freed.
+    raise OutOfDeviceMemory(f"{live.name!r} ran out of memory for a batch of {len(batch)}; retry")
 
 
 def answer(live: LiveModel, row: torch.Tensor) -> tuple[torch.Tensor, LiveModel]:

@@ -30,16 +30,25 @@ class CheckpointRejected(ReloaderError):
 
 
 SHORTAGES = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
+# What torch raises as a plain RuntimeError when memory runs out (lower case): its CPU allocator ("DefaultCPUAllocator:
+# can't allocate memory", torch 2.14.1), and CUDA contexts and library handles made on a full GPU ("CUDA error: out
+# of memory", "CUBLAS_STATUS_ALLOC_FAILED"): only torch's caching allocator raises OutOfMemoryError.
+MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "status_alloc_failed")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` says the host's or a device's memory ran out (the work may succeed later)."""
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in MEMORY_MESSAGES)
 
 
 def short_of_resources(exc: BaseException) -> bool:
     """Whether `exc` says this machine lacked memory, disk or descriptors for the work (a trainer's GPU
     memory, a full /tmp), which says nothing of the checkpoint: it is judged again later, not rejected."""
-    import torch
-
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    return isinstance(exc, OSError) and exc.errno in SHORTAGES
+    return out_of_memory(exc) or isinstance(exc, OSError) and exc.errno in SHORTAGES
 
 
 class CheckpointIncomplete(CheckpointRejected):
@@ -110,8 +119,8 @@ class Overloaded(ApiError):
 
 
 class OutOfDeviceMemory(ApiError):
-    """The model's device had no memory for the batch now (CUDA). HTTP servers should return HTTP_503 with
-    Retry-After: 1."""
+    """The model's device (a GPU a trainer fills, or the host) had no memory for the batch now. HTTP servers
+    should return HTTP_503 with Retry-After: 1."""
 
     status = 503
     headers = MappingProxyType({"Retry-After": "1"})

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
+import shutil
 import threading
 import time
 from collections import Counter
@@ -45,9 +47,14 @@ def prepare_module(module: torch.nn.Module, config: ModelConfig) -> torch.nn.Mod
 
 def compile_missing(device: str) -> str | None:
     """What torch.compile lacks for `device` on this machine, or None: Inductor builds C++ for the CPU (at
-    run time: the container image has no compiler) and Triton kernels for CUDA."""
+    run time: the container image has no compiler) and Triton kernels for CUDA, whose launcher Triton builds
+    with a C compiler at its first kernel (triton/runtime/build.py: $CC, else gcc, else clang)."""
     if device != "cpu":
-        return None if importlib.util.find_spec("triton") else "Triton for Inductor's CUDA kernels, not installed"
+        if not importlib.util.find_spec("triton"):
+            return "Triton for Inductor's CUDA kernels, not installed"
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            return "a C compiler for Triton's kernel launcher ($CC, gcc or clang), and none was found (install gcc)"
+        return None
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     try:

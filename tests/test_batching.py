@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import threading
 
+import pytest
 import torch
 from conftest import DEADLINE, Project, colours_yaml, png_bytes
 from tinynet import COLOURS, colour_state_dict
@@ -129,6 +130,13 @@ class _OutOfMemory(nn.Module):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+class _OutOfHostMemory(nn.Module):
+    """A forward whose activation the host cannot hold: torch's CPU allocator raises a plain RuntimeError."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.empty(2**50, dtype=torch.uint8)  # a petabyte
+
+
 def test_an_image_answered_with_nan_or_inf_gets_a_422_and_the_others_in_its_batch_their_answers(project: Project):
     from reloader.errors import NoFiniteAnswer
 
@@ -152,10 +160,11 @@ def test_an_image_answered_with_nan_or_inf_gets_a_422_and_the_others_in_its_batc
     assert [_label(red[0]), _label(green[0])] == ["red", "green"]
 
 
-def test_a_device_out_of_memory_is_a_503_to_retry_not_a_server_error(project: Project):
+@pytest.mark.parametrize("module", [_OutOfMemory, _OutOfHostMemory], ids=["cuda", "cpu-allocator"])
+def test_a_device_out_of_memory_is_a_503_to_retry_not_a_server_error(project: Project, module):
     from reloader.errors import OutOfDeviceMemory
 
-    live = dataclasses.replace(_live(project, "colours-v1.pt", colour_state_dict()), module=_OutOfMemory())
+    live = dataclasses.replace(_live(project, "colours-v1.pt", colour_state_dict()), module=module())
 
     async def main() -> object:
         batcher = Batcher(current={"colours": live}.get)
@@ -168,4 +177,5 @@ def test_a_device_out_of_memory_is_a_503_to_retry_not_a_server_error(project: Pr
     refused = asyncio.run(main())
     assert isinstance(refused, OutOfDeviceMemory)
     assert (refused.status, dict(refused.headers)) == (503, {"Retry-After": "1"})
-    assert "'colours' ran out of device memory for a batch of 1; retry" in str(refused)
+    assert str(refused) == "'colours' ran out of memory for a batch of 1; retry"
+    assert refused.__cause__ is None and refused.__context__ is None  # nothing keeps the forward's tensors

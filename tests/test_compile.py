@@ -195,6 +195,21 @@ def test_compile_without_a_cpp_compiler_is_a_config_error_naming_the_key(project
     assert Gate("colours", config, prepare_module).config.optimize == "compile"  # g++ is here
 
 
+def test_compile_on_cuda_needs_a_c_compiler_for_triton_s_launcher(monkeypatch, tmp_path):
+    """Triton builds its kernel launcher with $CC, gcc or clang at its first kernel: without one, every file
+    would fail its warm-up (and be rejected) with Triton's error. Triton is installed here, with no GPU."""
+    from reloader.optimize import compile_missing
+
+    assert compile_missing("cuda") is None  # gcc is here
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    assert compile_missing("cuda") == (
+        "a C compiler for Triton's kernel launcher ($CC, gcc or clang), and none was found (install gcc)"
+    )
+    monkeypatch.setenv("CC", "/opt/toolchain/bin/cc")
+    assert compile_missing("cuda:1") is None
+
+
 @pytest.mark.torch_compile
 def test_a_module_torch_export_refuses_is_compiled_in_the_server_s_process_and_says_why(serving, caplog):
     from tinynet import BranchingNet, colour_state_dict
