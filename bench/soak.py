@@ -289,6 +289,8 @@ def soak(duration_s: float, out: Path) -> dict[str, Any]:
 def _report(r: dict[str, Any], out: Path) -> None:
     b, a = r["before"], r["after"]
     ok = {
+        # Without these, a soak where nothing was served or swapped would pass the rest.
+        "requests answered, and swaps made": r["requests"] > 0 and r["swaps_metric"] >= 1,
         "0 failed requests": r["failed"] == 0,
         "no answer from a checkpoint that failed its checks": r["from_bad"] == 0,
         "RSS drift at most 5 %": r["rss_drift"] <= 0.05,
