@@ -30,19 +30,20 @@ class CheckpointRejected(ReloaderError):
 
 
 SHORTAGES = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
-# What torch raises as a plain RuntimeError when memory runs out (lower case): its CPU allocator ("DefaultCPUAllocator:
-# can't allocate memory", torch 2.14.1), and CUDA contexts and library handles made on a full GPU ("CUDA error: out
-# of memory", "CUBLAS_STATUS_ALLOC_FAILED"): only torch's caching allocator raises OutOfMemoryError.
-MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "status_alloc_failed")
+# What torch raises as a plain RuntimeError when a GPU's memory runs out outside its caching allocator (which
+# raises OutOfMemoryError): a CUDA context, or a cuBLAS or cuDNN handle, made on a GPU a trainer has filled.
+# Not the CPU allocator's "can't allocate memory": with Linux's default overcommit, an allocation fails only
+# where it exceeds the machine's RAM and swap, which no wait mends (the file is rejected, the batch a 500).
+CUDA_MEMORY_MESSAGES = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 
 
 def out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc` says the host's or a device's memory ran out (the work may succeed later)."""
+    """Whether `exc` says memory ran out where it may be there later: a GPU's, Python's own."""
     import torch
 
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in MEMORY_MESSAGES)
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in CUDA_MEMORY_MESSAGES)
 
 
 def short_of_resources(exc: BaseException) -> bool:
@@ -119,8 +120,8 @@ class Overloaded(ApiError):
 
 
 class OutOfDeviceMemory(ApiError):
-    """The model's device (a GPU a trainer fills, or the host) had no memory for the batch now. HTTP servers
-    should return HTTP_503 with Retry-After: 1."""
+    """The model's device had no memory for the batch now (a GPU a trainer fills). HTTP servers should return
+    HTTP_503 with Retry-After: 1."""
 
     status = 503
     headers = MappingProxyType({"Retry-After": "1"})

@@ -130,11 +130,11 @@ class _OutOfMemory(nn.Module):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-class _OutOfHostMemory(nn.Module):
-    """A forward whose activation the host cannot hold: torch's CPU allocator raises a plain RuntimeError."""
+class _NoCublasHandle(nn.Module):
+    """A first forward on a thread, on a GPU a trainer has filled: torch raises cuBLAS's failure as a plain error."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.empty(2**50, dtype=torch.uint8)  # a petabyte
+        raise torch.AcceleratorError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
 
 
 def test_an_image_answered_with_nan_or_inf_gets_a_422_and_the_others_in_its_batch_their_answers(project: Project):
@@ -160,7 +160,7 @@ def test_an_image_answered_with_nan_or_inf_gets_a_422_and_the_others_in_its_batc
     assert [_label(red[0]), _label(green[0])] == ["red", "green"]
 
 
-@pytest.mark.parametrize("module", [_OutOfMemory, _OutOfHostMemory], ids=["cuda", "cpu-allocator"])
+@pytest.mark.parametrize("module", [_OutOfMemory, _NoCublasHandle], ids=["cuda-allocator", "cublas-handle"])
 def test_a_device_out_of_memory_is_a_503_to_retry_not_a_server_error(project: Project, module):
     from reloader.errors import OutOfDeviceMemory
 
