@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import workload
+from .client import failed as failed_in
 from .client import measure as load
 from .servers import Server
 
@@ -141,7 +142,7 @@ def targets(d: dict[str, Any]) -> list[str]:
     decided = all(r["decided_in_window"] for r in d["rounds"])
     # The candidate answers as the live version does: every round must promote it, and no request may fail.
     promoted = sum(r["decision"] == "live" for r in d["rounds"])
-    failed = sum(r[k]["errors"] + r[k]["n503"] for r in d["rounds"] for k in ("plain", "canary"))
+    failed = failed_in(*(r[k] for r in d["rounds"] for k in ("plain", "canary")))
     ok = through >= TARGET_THROUGHPUT and p99 <= TARGET_P99 and decided and promoted == len(d["rounds"]) and not failed
     return [
         f"- canary (median of {len(d['rounds'])} rounds): c={CONCURRENCY} throughput {through:.3f}x "

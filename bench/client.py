@@ -165,5 +165,11 @@ class LoadGenerator:
         return Sample(started, finished, 200, sha, None), 0.0
 
 
+def failed(*summaries: dict) -> int:
+    """Requests that failed in these levels (`LoadResult.summary()`): errors and 503s. img/s and p99 count
+    200s only, so a level with failures judges nothing."""
+    return sum(s["errors"] + s["n503"] for s in summaries)
+
+
 def measure(url: str, images: list[bytes], concurrency: int, duration_s: float, warmup_s: float = 0.0) -> LoadResult:
     return asyncio.run(LoadGenerator(url, images, concurrency).run(duration_s, warmup_s))

@@ -18,6 +18,7 @@ from reloader.hardware import Hardware
 from reloader.optimize import prepare_module
 from reloader.precision import FORMS, FP32, build, compare
 
+from .client import failed as failed_in
 from .client import measure
 from .inprocess import SPEEDUP_BATCH, _model_config
 from .reloads import SwapRun
@@ -138,7 +139,7 @@ def alternating(both: dict[str, Server], images: list[bytes], rounds: int, durat
         "turns": turns,
         "img_s": img_s,
         "ratio": img_s[b] / img_s[a],
-        "failed": sum(t["errors"] + t["n503"] for ts in turns.values() for t in ts),
+        "failed": failed_in(*(t for ts in turns.values() for t in ts)),
     }
 
 
@@ -236,10 +237,6 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
     def ratio_of(a: float, b: float) -> float:
         return a / b if b else float("nan")  # nothing answered: no bound holds
 
-    def lost_at(*levels_: dict[str, Any]) -> int:
-        """Requests that failed at these levels: img/s and p99 count 200s only, so such a level judges nothing."""
-        return sum(r["errors"] + r["n503"] for r in levels_)
-
     def add(target: str, measured: str, ratio: float | None, ok: bool | str | None) -> None:
         verdict = ok if isinstance(ok, str) else NO_AMX if ok is None else "PASS" if ok else "**FAIL**"
         rows.append(f"| {target} | {measured} | {'-' if ratio is None else f'{ratio:.2f}x'} | {verdict} |")
@@ -264,15 +261,15 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
             auto["img_s"],
             auto["limit_img_s"],
             0.9,
-            lost_at(auto),
+            failed_in(auto),
         ),
-        ("auto c=16 >= 2x LitServe fp32 c=16", auto["img_s"], lit["img_s"], 2.0, lost_at(auto, lit)),
+        ("auto c=16 >= 2x LitServe fp32 c=16", auto["img_s"], lit["img_s"], 2.0, failed_in(auto, lit)),
         (
             "auto c=16 >= 1.1x LitServe bf16 c=16",
             auto["img_s"],
             lit_bf16 and lit_bf16["img_s"],
             1.1,
-            lit_bf16 and lost_at(auto, lit_bf16),
+            lit_bf16 and failed_in(auto, lit_bf16),
         ),
     ]
     for target, mine, other, bound, lost in checks:
@@ -305,7 +302,7 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
     if lit_bf16 is None:
         add(target, f"{auto['p99_ms']:.0f} ms; {NO_LIT_BF16}", None, "**FAIL**" if amx else None)
     else:
-        p99, lost = ratio_of(auto["p99_ms"], lit_bf16["p99_ms"]), lost_at(auto, lit_bf16)
+        p99, lost = ratio_of(auto["p99_ms"], lit_bf16["p99_ms"]), failed_in(auto, lit_bf16)
         shown = f"{auto['p99_ms']:.0f} vs {lit_bf16['p99_ms']:.0f} ms" + (f"; {lost} failed requests" if lost else "")
         add(target, shown, p99, p99 <= 1.0 and not lost if amx else None)
     for f, r in p["agreement"]["rows"].items():

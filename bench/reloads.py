@@ -70,6 +70,16 @@ class SwapRun:
     peak_over_steady_kib: int
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def served(self) -> set[str]:
+        """The versions that answered, by sha256."""
+        return set(self.extra["all"].shas)
+
+    @property
+    def allowed(self) -> set[str]:
+        """The versions that passed the gate: the initial one and the valid drops."""
+        return self.valid_shas | {self.initial_sha}
+
     def outcome(self) -> tuple[bool, str]:
         """Whether the gate did what the drops asked: valid drops went live (at least one; a valid drop skipped
         because a newer one landed first is fine, a rejected one is not), no invalid drop went live, and every
@@ -80,8 +90,8 @@ class SwapRun:
         went_live = sum(f in files["swapped"] for f in valid)
         refused = sum(f in files["rejected"] for f in valid)
         bad_live = sum(f in files["swapped"] for f in invalid)
-        served = set(self.extra["all"].shas)
-        stray = served - self.valid_shas - {self.initial_sha}
+        served = self.served
+        stray = served - self.allowed
         ok = went_live >= 1 and not refused and not bad_live and not stray
         text = (
             f"{went_live} of {len(valid)} valid drops went live, {refused} rejected; {bad_live} of {len(invalid)} "

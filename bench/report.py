@@ -15,6 +15,7 @@ import torch
 from reloader.hardware import Hardware
 
 from . import large, precision, uploads
+from .client import failed as failed_in
 from .inprocess import RELOADER_FORWARD
 from .reloads import SwapRun, swap_timings
 
@@ -54,8 +55,7 @@ def _targets(d: dict[str, Any]) -> list[str]:
     )
     assert r16 and l16 and r1 and r64
     rows = ["| target | measured | ratio | result |", "|---|---|---|---|"]
-    # A server's img/s and p99 count its 200s only: a level with failed requests judges nothing.
-    lost = {name: r["errors"] + r["n503"] for name, r in (("reloader", r16), ("LitServe", l16))}
+    lost = {name: failed_in(r) for name, r in (("reloader", r16), ("LitServe", l16))}
     clean = not any(lost.values())
     failures = "" if clean else f"; failed requests at c=16: {lost}"
 
@@ -204,8 +204,7 @@ def _swap_tables(d: dict[str, Any]) -> list[str]:
     swapped = [e for e in run.events if e["event"] == "swapped" and "since_detected" in e.get("timings_ms", {})]
     rejected = [e for e in run.events if e["event"] == "rejected"]
     timings = swap_timings(run.events)
-    served = set(run.extra["all"].shas)
-    allowed = run.valid_shas | {run.initial_sha}
+    served, allowed = run.served, run.allowed
     reasons = sorted({(e.get("reason") or "").split(":")[0] for e in rejected})
     skipped = len(run.drops) - len(swapped) - len(rejected)
     out += [

@@ -25,6 +25,7 @@ from .evaluation import EvaluationSet
 from .files import shown
 from .hardware import Hardware
 from .images import Preprocessor, stack_images
+from .libraries import tensors_of
 from .memory import release
 from .optimize import compile_missing
 from .precision import Evidence, Form, Unfaithful, choose, served
@@ -280,7 +281,7 @@ class Gate:
 def _finite(module: torch.nn.Module) -> str:
     bad = [
         f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
-        for name, t in (*module.named_parameters(), *module.named_buffers())
+        for name, t in tensors_of(module).items()
         if t.is_floating_point() and not bool(torch.isfinite(t).all())
     ]
     if bad:
