@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config/models.yaml
-# torch < 2.10 has weights_only advisories; 2.14.1 + 0.29.1 is a pair that imports together.
+# The pair CI tests; pyproject.toml's floor (2.13 + 0.28) is the oldest the tests passed on.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup tools browser run fleet test train-more bench soak hostile lint clean
