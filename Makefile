@@ -6,7 +6,7 @@ CONFIG ?= config/models.yaml
 # The pair CI tests; pyproject.toml's floor (2.13 + 0.28) is the oldest the tests passed on.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup tools browser run fleet test train-more bench soak hostile lint clean
+.PHONY: setup tools browser run fleet test train-more bench soak hostile gpu-kit lint clean
 
 setup: $(VENV)/.installed
 
@@ -63,6 +63,19 @@ soak: setup
 # to bench/HOSTILE.md. About 3 minutes; run it alone, like bench.
 hostile: setup
 	$(PY) -m bench.hostile
+
+# What bench/gpu.sh needs on a GPU machine lent by this workplace's `device` tool: its image holds torch with
+# CUDA, pytest, aiohttp and most of the daemon's dependencies, but not these, and it reaches no registry. Their
+# wheels (the versions installed here, for the image's Python) go to .gpu/wheels, which the run carries:
+# `make gpu-kit`, then run `bash bench/gpu.sh` there with carry [".gpu"] (README, "What was tested where").
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := typing-extensions pydantic pydantic-core annotated-types typing-inspection starlette python-multipart uvicorn httptools watchdog
+
+gpu-kit: setup
+	rm -rf .gpu/wheels
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/wheels \
+		$$($(PY) -c 'import sys, importlib.metadata as m; print(*(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_WHEELS))
 
 # ruff, then mypy on reloader/ (its settings are [tool.mypy] in pyproject.toml).
 lint: setup

@@ -60,18 +60,22 @@ class Limit:
         sd: dict[str, torch.Tensor],
         form: tuple[str, str] = ("fp32", "eager"),
         optimize: str = "none",
+        device: str = "cpu",
+        max_batch: int = max(BATCH_SIZES),
     ):
-        from reloader.precision import build
+        from reloader.precision import build, served
 
         self.images = images
         self.pre = Preprocessor(Preprocess(resize=256, crop=224))
-        self.module = prepare_module(build_model(MODEL, NUM_CLASSES, sd), _model_config(optimize))
+        # As the gate does: on the device before it is prepared, then called with CPU batches (precision.served).
+        fp32 = prepare_module(build_model(MODEL, NUM_CLASSES, sd).to(device), _model_config(optimize))
+        self.module = served(fp32, device)
         if form != ("fp32", "eager"):  # the form reloader serves at another precision (section 7)
             calibration = torch.stack([self.pre.load(image) for image in images])  # for int8
             side = 224 if optimize == "compile" else None
-            self.module = build(self.module, *form, "cpu", calibration, side, max(BATCH_SIZES))
+            self.module = build(fp32, *form, device, calibration, side, max_batch)
         self._offset = 0
-        self.serve(max(BATCH_SIZES))  # first-call allocations and oneDNN primitive creation
+        self.serve(max_batch)  # first-call allocations and oneDNN primitive creation
 
     def _next_image(self) -> bytes:
         self._offset += 1

@@ -16,7 +16,7 @@ from reloader.architectures import build_model
 from reloader.checkpoints import load_checkpoint
 from reloader.hardware import Hardware
 from reloader.optimize import prepare_module
-from reloader.precision import FORMS, FP32, build, compare
+from reloader.precision import FORMS, FP32, build, compare, served
 
 from .client import failed as failed_in
 from .client import measure
@@ -26,14 +26,18 @@ from .servers import Server, status_kib
 from .workload import MODEL, NUM_CLASSES
 
 
-def forms() -> list[tuple[str, str]]:
-    """fp32, then every bf16 and int8 form this CPU runs natively (the others are not measured here)."""
+def forms(device: str = "cpu") -> list[tuple[str, str]]:
+    """fp32, then every form `device` runs natively (the others are not measured here): bf16 and int8 on a
+    CPU that has their instructions, bf16 and fp16 on a GPU of their compute capability."""
     hw = Hardware.detect()
-    return [FP32, *((p, f) for p in ("bf16", "int8") if hw.why_not(p, "cpu") is None for f in FORMS[p])]
+    return [FP32, *((p, f) for p in FORMS if hw.why_not(p, device) is None for f in FORMS[p])]
 
 
-def module_for(fp32: torch.nn.Module, precision: str, form: str, calibration: torch.Tensor) -> torch.nn.Module:
-    return fp32 if (precision, form) == FP32 else build(fp32, precision, form, "cpu", calibration)
+def module_for(
+    fp32: torch.nn.Module, precision: str, form: str, calibration: torch.Tensor, device: str = "cpu"
+) -> torch.nn.Module:
+    """A form of `fp32` (prepared on `device`) as serving calls it: CPU batches in, CPU scores out."""
+    return served(fp32, device) if (precision, form) == FP32 else build(fp32, precision, form, device, calibration)
 
 
 def forward_table(sd: dict[str, torch.Tensor], rounds: int) -> dict[str, Any]:
@@ -56,8 +60,9 @@ def forward_table(sd: dict[str, torch.Tensor], rounds: int) -> dict[str, Any]:
     return {"img_s": img_s, "why_not_bf16": hw.why_not("bf16", "cpu"), "amx": "amx_bf16" in hw.cpu_flags}
 
 
-def demo_agreement(tmp: Path, epochs: int) -> dict[str, Any]:
-    """Train the demo (examples/shapes) and compare every form with fp32 on its 400 held-out images."""
+def demo_agreement(tmp: Path, epochs: int, device: str = "cpu") -> dict[str, Any]:
+    """Train the demo (examples/shapes, on the CPU) and compare every form `device` runs with fp32 on its 400
+    held-out images; on the CPU, also the gate's memory over repeated judgements (gate_memory)."""
     from examples.shapes import train
     from examples.shapes.dataset import ShapesDataset, preprocess
 
@@ -69,7 +74,7 @@ def demo_agreement(tmp: Path, epochs: int) -> dict[str, Any]:
     train_s = time.perf_counter() - t0
     checkpoint = sorted(out.glob("*.pt"))[-1]
     model = build_model("resnet18", len(train.LABELS), load_checkpoint(checkpoint).state_dict)
-    fp32 = prepare_module(model, _model_config().model_copy(update={"arch": "resnet18"}))
+    fp32 = prepare_module(model.to(device), _model_config().model_copy(update={"arch": "resnet18"}))
     # int8 is calibrated on what the daemon calibrates it on: the golden images.
     golden = torch.stack([preprocess()(Image.open(path).convert("RGB")) for path in sorted(golden_dir.glob("*.png"))])
     heldout = ShapesDataset(train.HELDOUT_SIZE, train.HELDOUT_SEED, preprocess())
@@ -77,8 +82,8 @@ def demo_agreement(tmp: Path, epochs: int) -> dict[str, Any]:
     labels = torch.tensor([heldout[i][1] for i in range(len(heldout))])
     probs = {}
     with torch.inference_mode():
-        for f in forms():
-            module = module_for(fp32, *f, golden.contiguous(memory_format=torch.channels_last))
+        for f in forms(device):
+            module = module_for(fp32, *f, golden.contiguous(memory_format=torch.channels_last), device)
             probs[f] = torch.cat([module(chunk).float().softmax(dim=1) for chunk in images.split(50)])
     rows = {}
     for f, p in probs.items():
@@ -91,7 +96,7 @@ def demo_agreement(tmp: Path, epochs: int) -> dict[str, Any]:
         "images": len(labels),
         "rows": rows,
         "checkpoint": str(checkpoint),
-        "gate_memory": gate_memory(checkpoint),
+        **({"gate_memory": gate_memory(checkpoint)} if device == "cpu" else {}),
     }
 
 

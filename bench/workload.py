@@ -136,6 +136,8 @@ def reloader_config(
     precision: str = "fp32",
     optimize: str = "none",
     draft_gap: float | None = 2.0,
+    device: str = "cpu",
+    max_batch: int = 8,
 ) -> Path:
     """The reloader defaults for resnet18, plus a bounded queue small enough for c=64 to reach it."""
     path = root / "models.yaml"
@@ -153,8 +155,9 @@ def reloader_config(
         "    labels: imagenet\n"
         f"    checkpoints: {checkpoints}\n"
         f"    preprocess: {{resize: 256, crop: 224, draft_gap: {'null' if draft_gap is None else draft_gap}}}\n"
-        f"    batch: {{max_size: 8, max_wait_ms: 2, queue_size: {queue_size}}}\n"
+        f"    batch: {{max_size: {max_batch}, max_wait_ms: 2, queue_size: {queue_size}}}\n"
         f"    precision: {precision}\n"
+        f"    device: {device}\n"
         f"    optimize: {optimize}\n"
     )
     return path

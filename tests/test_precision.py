@@ -310,6 +310,19 @@ def test_on_cuda_a_dropped_version_gives_its_gpu_memory_back_at_release(project:
     assert after[1] == after[2] < held[2]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path needs a CUDA device")
+def test_on_cuda_the_daemon_serves_from_the_gpu_and_swaps_in_a_new_version(project: Project, start_daemon):
+    configure(project, "auto", extra="    device: cuda\n")
+    first = project.save("colours-v1.pt")
+    daemon = start_daemon(project.config)
+    live = daemon.wait_live(first)["live"]
+    assert (live["device"], live["report"]["device"]) == ("cuda", "cuda")
+    assert [daemon.predict(c).json()["predictions"][0]["label"] for c in COLOURS] == list(COLOURS)
+    sharper = project.save("colours-v2.pt", colour_state_dict(scale=6.0))
+    assert daemon.wait_live(sharper)["live"]["device"] == "cuda"
+    assert [daemon.predict(c).json()["predictions"][0]["label"] for c in COLOURS] == list(COLOURS)
+
+
 def test_the_daemon_shows_what_precision_serves_in_the_status_and_the_metrics(project: Project, start_daemon):
     from test_metrics import Scrape
 
