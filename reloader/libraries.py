@@ -239,11 +239,24 @@ def unpack(package: Path, folder: Path) -> tuple[Path, Path | None]:
     return found[0], blobs[0] if blobs else None
 
 
+def calls_out(library: Path) -> list[str]:
+    """The ops `library` runs outside its own code: those AOTInductor could not compile in, which it calls
+    through torch's proxy executor (listed in a JSON file beside it; quantized::max_pool2d in a resnet's
+    PT2E int8 form on a CPU with VNNI). Only torch's own loader makes that executor; `Container` passes none."""
+    listed = library.with_suffix(".json")
+    if not listed.exists():
+        return []
+    return [str(node.get("target", "?")) for node in json.loads(listed.read_text()).get("nodes", [])]
+
+
 def write(package: Path, module: nn.Module, folder: Path) -> str | None:
     """In the child that built `package` from `module`: its library, and what each constant of it is, in
     `folder`; or, where it cannot run on a module's tensors alone, nothing, and why."""
     unpacked = folder / "package"
     so, _ = unpack(package, unpacked)
+    if outside := calls_out(so):
+        shutil.rmtree(unpacked)
+        return f"it runs {', '.join(outside[:3])} through torch's proxy executor"
     # Started from the package's own weights (beside the library), only to read its constants' names.
     container = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so), 1)
     names = container.get_constant_names_to_original_fqns()

@@ -101,12 +101,17 @@ Transform = Callable[[nn.Module, torch.Tensor, int], nn.Module]
 
 def loaded(path: Path, image: tuple[int, ...], max_batch: int, eager: nn.Module | None = None) -> Packaged:
     """The package at `path`, read whole (its file may go), with its own weights, run through AOTInductor's C
-    interface (libraries.Container: the GIL let go for the forward)."""
+    interface (libraries.Container: the GIL let go for the forward). A package that calls ops outside its
+    library (libraries.calls_out) runs through torch's loader instead, which holds the GIL for the forward."""
     with tempfile.TemporaryDirectory(prefix="reloader-package-") as folder:  # the library stays mapped once it goes
         try:
             library, blob = libraries.unpack(path, Path(folder))
         except libraries.Unfit as exc:
             raise BuildFailed(str(exc)) from exc
+        if libraries.calls_out(library):
+            from torch._inductor import aoti_load_package
+
+            return Packaged(aoti_load_package(str(path)), image, max_batch, eager)
         return Packaged(libraries.Container(library, blob=blob), image, max_batch, eager)
 
 

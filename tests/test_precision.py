@@ -515,6 +515,38 @@ def test_under_compile_int8_is_also_built_by_pt2e_in_a_child_process_and_proven_
     assert [COLOURS[i] for i in answers.argmax(dim=1)] == list(COLOURS)
 
 
+def test_a_pt2e_form_with_a_max_pool_runs_whether_or_not_its_library_calls_ops_outside_itself():
+    """A resnet's stem (convolution, ReLU, max pool): on a CPU with VNNI, AOTInductor compiled the int8 max pool
+    as a call to quantized::max_pool2d through torch's proxy executor, which a library run by ctypes does not
+    have: every PT2E form of a resnet failed to run there. Such a package runs through torch's loader."""
+    from reloader import libraries
+    from reloader.int8 import pt2e_int8
+
+    torch.manual_seed(0)
+    stem = (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(3, 2, padding=1),
+            torch.nn.Conv2d(8, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8, 4),
+        )
+        .eval()
+        .requires_grad_(False)
+    )
+    images = torch.rand(8, 3, 32, 32)
+    form = pt2e_int8(stem, images, 4)
+    with torch.inference_mode():
+        probs, reference = form(images[:4]).softmax(1), stem(images[:4]).softmax(1)
+    assert probs.shape == (4, 4) and bool(torch.isfinite(probs).all())
+    torch.testing.assert_close(probs, reference, atol=0.05, rtol=0)
+    # Which loader ran it is this CPU's lowering's choice; each is the right one for what was built.
+    assert isinstance(form.runner, libraries.Container) != (type(form.runner).__name__ == "AOTICompiledModel")
+
+
 def test_a_pt2e_build_that_fails_in_its_process_says_why_in_the_error():
     """The gate then reports the form as failed and does not offer it (test_a_form_that_fails_...)."""
     from reloader.int8 import pt2e_int8
