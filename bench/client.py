@@ -166,9 +166,10 @@ class LoadGenerator:
 
 
 def failed(*summaries: dict) -> int:
-    """Requests that failed in these levels (`LoadResult.summary()`): errors and 503s. img/s and p99 count
-    200s only, so a level with failures judges nothing."""
-    return sum(s["errors"] + s["n503"] for s in summaries)
+    """Requests that failed in these levels (`LoadResult.summary()`): every answer but a 200, each once (errors
+    already hold the 503s that do not say the queue is full). img/s and p99 count 200s only, so a level with
+    failures judges nothing."""
+    return sum(s["errors"] + s["n503_queue_full"] for s in summaries)
 
 
 def measure(url: str, images: list[bytes], concurrency: int, duration_s: float, warmup_s: float = 0.0) -> LoadResult:

@@ -341,7 +341,7 @@ def targets(p: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
             rss[-1] - rss[0] <= size and not missing,
         )
     run: SwapRun = p["swaps"]
-    failed = run.extra["all"].errors + run.extra["all"].n503
+    failed = failed_in(run.extra["all"].summary())
     add(f"auto, swaps under load: 0 failed requests ({len(run.drops)} drops)", f"{failed} failed", None, failed == 0)
     ok, outcome = run.outcome()
     add("auto, swaps under load: valid drops go live, invalid ones never serve", outcome, None, ok)

@@ -86,7 +86,7 @@ def _targets(d: dict[str, Any]) -> list[str]:
         f"{r1['limit_b1_ms']:.0f} ms | {c1:.2f}x | {_verdict(c1 <= 1.10)} |"
     )
     run: SwapRun = d["swaps"]
-    failed = run.extra["all"].errors + run.extra["all"].n503
+    failed = failed_in(run.extra["all"].summary())
     rows.append(
         f"| 0 failed requests across swaps ({len(run.drops)} drops, {len(run.swapping.samples)} requests during swaps) "
         f"| {failed} failed (errors + 503s, whole run) | - | {_verdict(failed == 0)} |"
