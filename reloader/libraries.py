@@ -246,7 +246,8 @@ def calls_out(library: Path) -> list[str]:
     listed = library.with_suffix(".json")
     if not listed.exists():
         return []
-    return [str(node.get("target", "?")) for node in json.loads(listed.read_text()).get("nodes", [])]
+    nodes = json.loads(listed.read_text()).get("nodes", [])  # [{"name": "buf2", "node": {"target": ...}}]
+    return [str(entry.get("node", {}).get("target", "?")) for entry in nodes]
 
 
 def write(package: Path, module: nn.Module, folder: Path) -> str | None:

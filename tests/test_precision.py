@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import torch
-from conftest import DEADLINE, Project, colours_yaml, png_bytes, wait_until
+from conftest import DEADLINE, Project, colours_yaml, png_bytes, sha256, wait_until
 from PIL import Image
 from tinynet import COLOURS, colour_net, colour_state_dict
 
@@ -320,7 +321,10 @@ def test_on_cuda_the_daemon_serves_from_the_gpu_and_swaps_in_a_new_version(proje
     assert [daemon.predict(c).json()["predictions"][0]["label"] for c in COLOURS] == list(COLOURS)
     sharper = project.save("colours-v2.pt", colour_state_dict(scale=6.0))
     assert daemon.wait_live(sharper)["live"]["device"] == "cuda"
-    assert [daemon.predict(c).json()["predictions"][0]["label"] for c in COLOURS] == list(COLOURS)
+    for colour in COLOURS:  # answered by the new version
+        response = daemon.predict(colour)
+        assert response.headers["X-Model-Sha256"] == sha256(sharper)
+        assert response.json()["predictions"][0]["label"] == colour
 
 
 def test_the_daemon_shows_what_precision_serves_in_the_status_and_the_metrics(project: Project, start_daemon):
@@ -515,7 +519,7 @@ def test_under_compile_int8_is_also_built_by_pt2e_in_a_child_process_and_proven_
     assert [COLOURS[i] for i in answers.argmax(dim=1)] == list(COLOURS)
 
 
-def test_a_pt2e_form_with_a_max_pool_runs_whether_or_not_its_library_calls_ops_outside_itself():
+def test_a_pt2e_form_with_a_max_pool_runs_whether_or_not_its_library_calls_ops_outside_itself(monkeypatch):
     """A resnet's stem (convolution, ReLU, max pool): on a CPU with VNNI, AOTInductor compiled the int8 max pool
     as a call to quantized::max_pool2d through torch's proxy executor, which a library run by ctypes does not
     have: every PT2E form of a resnet failed to run there. Such a package runs through torch's loader."""
@@ -537,14 +541,30 @@ def test_a_pt2e_form_with_a_max_pool_runs_whether_or_not_its_library_calls_ops_o
         .eval()
         .requires_grad_(False)
     )
-    images = torch.rand(8, 3, 32, 32)
+    stem[-1].weight.mul_(50.0)  # answers far apart, so that one that ignored its input could not pass
+    images = torch.rand(8, 3, 32, 32) * torch.linspace(0.2, 2.0, 8).view(8, 1, 1, 1)
+    found: list[list[str]] = []
+    calls_out = libraries.calls_out
+    monkeypatch.setattr(libraries, "calls_out", lambda library: found.append(calls_out(library)) or found[-1])
     form = pt2e_int8(stem, images, 4)
     with torch.inference_mode():
-        probs, reference = form(images[:4]).softmax(1), stem(images[:4]).softmax(1)
-    assert probs.shape == (4, 4) and bool(torch.isfinite(probs).all())
-    torch.testing.assert_close(probs, reference, atol=0.05, rtol=0)
-    # Which loader ran it is this CPU's lowering's choice; each is the right one for what was built.
-    assert isinstance(form.runner, libraries.Container) != (type(form.runner).__name__ == "AOTICompiledModel")
+        answers = torch.cat([form(part) for part in images.split(4)]).softmax(1)
+        reference = stem(images).softmax(1)
+    assert (reference.max(0).values - reference.min(0).values).max() > 0.3  # the images are told apart
+    assert answers.argmax(1).tolist() == reference.argmax(1).tolist()
+    torch.testing.assert_close(answers, reference, atol=0.1, rtol=0)
+    # Which loader runs it is this CPU's lowering's choice: torch's where the library calls ops outside itself.
+    assert len(found) == 1 and isinstance(form.runner, libraries.Container) == (not found[0])
+
+
+def test_the_ops_a_library_calls_outside_itself_are_read_from_the_list_beside_it(tmp_path):
+    from reloader.libraries import calls_out
+
+    library = tmp_path / "model.wrapper.so"
+    assert calls_out(library) == []  # no list: every op is compiled in
+    node = {"target": "quantized::max_pool2d", "inputs": [], "outputs": [], "name": "buf2"}  # as AOTInductor writes it
+    library.with_suffix(".json").write_text(json.dumps({"nodes": [{"name": "buf2", "node": node}]}))
+    assert calls_out(library) == ["quantized::max_pool2d"]
 
 
 def test_a_pt2e_build_that_fails_in_its_process_says_why_in_the_error():
