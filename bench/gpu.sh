@@ -9,7 +9,9 @@
 set -uo pipefail
 out=${OUT:-bench/out}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# The wheels go to a folder of their own on the path: the image's Python may refuse installs (PEP 668), and
+# its own packages stay as they are.
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONPATH=$PWD:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}
 
 {
     date -u
@@ -18,12 +20,15 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPA
     python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())'
 } 2>&1 | tee "$out/gpu-env.txt"
 
-python3 -m pip install -q --no-index --no-deps .gpu/wheels/*.whl || { echo "no wheels: run make gpu-kit here"; exit 2; }
+ls .gpu/wheels/*.whl >/dev/null 2>&1 || { echo "no wheels in .gpu/wheels: run make gpu-kit here, carry .gpu"; exit 2; }
+python3 -m pip install -q --no-index --no-deps --target .gpu/site .gpu/wheels/*.whl || exit 2
+# Before any device time goes on tests: everything the daemon, the tests and the bench import is there.
+python3 -c 'import reloader.server, reloader.cli, bench.gpu, httpx, pytest' || { echo "a package is missing"; exit 2; }
 
 # The tests about CUDA, those that need it and those of the choices made for it. Not the rest: the image's torch
 # (2.11 when last seen) is older than this project's floor (pyproject.toml), under which compiled packages fail
 # to build for reasons that are not the GPU's.
-timeout 240 python3 -m pytest -p no:cacheprovider -q -rs -k cuda tests/test_precision.py tests/test_batching.py \
+timeout 180 python3 -m pytest -p no:cacheprovider -q -rs -k cuda tests/test_precision.py tests/test_batching.py \
     tests/test_worker.py tests/test_compile.py 2>&1 | tee "$out/gpu-tests.txt"
 tests=$?
 
