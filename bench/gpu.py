@@ -54,20 +54,8 @@ def forward_speeds(device: str, batches: tuple[int, ...], rounds: int) -> dict[t
         x = torch.randn(max(batches), 3, 224, 224, generator=torch.Generator().manual_seed(0))
         x = x.contiguous(memory_format=torch.channels_last)
     modules = {f: precision.module_for(fp32, *f, x[:8], device) for f in precision.forms(device)}
-    out: dict[tuple[str, str], dict[int, float]] = {f: {} for f in modules}
-    with torch.inference_mode():
-        for b in batches:
-            times: dict[tuple[str, str], list[float]] = {f: [] for f in modules}
-            for module in modules.values():
-                module(x[:b])  # first-call allocations, cuDNN's algorithm search
-            for _ in range(rounds):
-                for f, module in modules.items():
-                    t0 = time.perf_counter()
-                    module(x[:b])  # its scores come back to the CPU: the GPU has finished
-                    times[f].append(time.perf_counter() - t0)
-            for f, t in times.items():
-                out[f][b] = b / statistics.median(t)
-    return out
+    by_batch = {b: precision.interleaved_img_s(modules, x[:b], rounds) for b in batches}
+    return {f: {b: img_s[f] for b, img_s in by_batch.items()} for f in modules}
 
 
 def validate(checkpoint: Path, device: str) -> dict[str, Any]:
@@ -100,10 +88,15 @@ def served(tmp: Path, logs: Path, device: str, max_batch: int, duration: float) 
     base = workload.state_dict(0)
     rows: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {}
-    for precision_ in ("fp32", "auto"):
-        folder = tmp / f"serve-{precision_}" / "checkpoints"
+
+    def fresh_folder(name: str) -> Path:  # a checkpoints folder holding the initial version
+        folder = tmp / name / "checkpoints"
         folder.mkdir(parents=True)
         (folder / f"{workload.MODEL}-v1.pt").write_bytes(workload.to_bytes(base))
+        return folder
+
+    for precision_ in ("fp32", "auto"):
+        folder = fresh_folder(f"serve-{precision_}")
         config = workload.reloader_config(
             folder.parent, folder, queue_size=QUEUE_SIZE, precision=precision_, device=device, max_batch=max_batch
         )
@@ -118,9 +111,7 @@ def served(tmp: Path, logs: Path, device: str, max_batch: int, duration: float) 
                     after = limit.probe(max_batch, 3)["img_s"]
                 rows.append({"server": server.name, **result.summary(), "limit": (before + after) / 2})
                 _log(f"{server.name} c={c}: {rows[-1]['img_s']:.1f} img/s, limit {rows[-1]['limit']:.1f}")
-    folder = tmp / "swaps" / "checkpoints"
-    folder.mkdir(parents=True)
-    (folder / f"{workload.MODEL}-v1.pt").write_bytes(workload.to_bytes(base))
+    folder = fresh_folder("swaps")
     blocks, _, per_block = reloads.swap_plan(duration, 2.0)
     staged = reloads.stage_swaps(folder, 2, blocks * per_block, seed=100)
     config = workload.reloader_config(

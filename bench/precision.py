@@ -40,22 +40,30 @@ def module_for(
     return served(fp32, device) if (precision, form) == FP32 else build(fp32, precision, form, device, calibration)
 
 
+def interleaved_img_s(
+    modules: dict[tuple[str, str], torch.nn.Module], x: torch.Tensor, rounds: int
+) -> dict[tuple[str, str], float]:
+    """img/s of each module's forward on `x`, the modules taking turns round by round (so a burst of load hits
+    them alike): the median of `rounds`, after one call each (first-call allocations, oneDNN primitives,
+    cuDNN's algorithm search). A module on a GPU returns its scores to the CPU, so its time is the GPU's too."""
+    times: dict[tuple[str, str], list[float]] = {f: [] for f in modules}
+    with torch.inference_mode():
+        for module in modules.values():
+            module(x)
+        for _ in range(rounds):
+            for f, module in modules.items():
+                t0 = time.perf_counter()
+                module(x)
+                times[f].append(time.perf_counter() - t0)
+    return {f: len(x) / statistics.median(t) for f, t in times.items()}
+
+
 def forward_table(sd: dict[str, torch.Tensor], rounds: int) -> dict[str, Any]:
     """Forward-only img/s at batch 8 for each form of reloader's prepared resnet18, interleaved in rounds."""
     fp32 = prepare_module(build_model(MODEL, NUM_CLASSES, sd), _model_config())
     x = torch.randn(SPEEDUP_BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     x = x.contiguous(memory_format=torch.channels_last)
-    modules = {f: module_for(fp32, *f, x) for f in forms()}
-    times: dict[tuple[str, str], list[float]] = {f: [] for f in modules}
-    with torch.inference_mode():
-        for module in modules.values():
-            module(x)  # first-call allocations and oneDNN primitive creation
-        for _ in range(max(rounds, 3)):
-            for f, module in modules.items():
-                t0 = time.perf_counter()
-                module(x)
-                times[f].append(time.perf_counter() - t0)
-    img_s = {f: SPEEDUP_BATCH / statistics.median(t) for f, t in times.items()}
+    img_s = interleaved_img_s({f: module_for(fp32, *f, x) for f in forms()}, x, max(rounds, 3))
     hw = Hardware.detect()
     return {"img_s": img_s, "why_not_bf16": hw.why_not("bf16", "cpu"), "amx": "amx_bf16" in hw.cpu_flags}
 
