@@ -88,15 +88,9 @@ def served(tmp: Path, logs: Path, device: str, max_batch: int, duration: float) 
     base = workload.state_dict(0)
     rows: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {}
-
-    def fresh_folder(name: str) -> Path:  # a checkpoints folder holding the initial version
-        folder = tmp / name / "checkpoints"
-        folder.mkdir(parents=True)
-        (folder / f"{workload.MODEL}-v1.pt").write_bytes(workload.to_bytes(base))
-        return folder
-
+    initial = workload.to_bytes(base)
     for precision_ in ("fp32", "auto"):
-        folder = fresh_folder(f"serve-{precision_}")
+        folder = workload.checkpoints_folder(tmp, f"serve-{precision_}", initial)
         config = workload.reloader_config(
             folder.parent, folder, queue_size=QUEUE_SIZE, precision=precision_, device=device, max_batch=max_batch
         )
@@ -111,7 +105,7 @@ def served(tmp: Path, logs: Path, device: str, max_batch: int, duration: float) 
                     after = limit.probe(max_batch, 3)["img_s"]
                 rows.append({"server": server.name, **result.summary(), "limit": (before + after) / 2})
                 _log(f"{server.name} c={c}: {rows[-1]['img_s']:.1f} img/s, limit {rows[-1]['limit']:.1f}")
-    folder = fresh_folder("swaps")
+    folder = workload.checkpoints_folder(tmp, "swaps", initial)
     blocks, _, per_block = reloads.swap_plan(duration, 2.0)
     staged = reloads.stage_swaps(folder, 2, blocks * per_block, seed=100)
     config = workload.reloader_config(

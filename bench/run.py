@@ -185,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         sha_ms = (time.perf_counter() - t0) * 1000.0
 
         def fresh_folder(name: str) -> Path:
-            folder = tmp / name / "checkpoints"
-            folder.mkdir(parents=True)
-            (folder / f"{workload.MODEL}-v1.pt").write_bytes(initial)
-            return folder
+            return workload.checkpoints_folder(tmp, name, initial)
 
         _phase("1. the in-process limit and the free speedups")
         limit = inprocess.Limit(images, base)

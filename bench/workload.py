@@ -128,6 +128,14 @@ def write_in_place(path: Path, data: bytes, chunk: int = 1 << 20, pause_s: float
     return closing
 
 
+def checkpoints_folder(root: Path, name: str, initial: bytes) -> Path:
+    """A fresh `root`/`name`/checkpoints holding `initial` as version 1: what each server of a run watches."""
+    folder = root / name / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / f"{MODEL}-v1.pt").write_bytes(initial)
+    return folder
+
+
 def reloader_config(
     root: Path,
     checkpoints: Path,
