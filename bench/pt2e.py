@@ -23,9 +23,10 @@ serves, as a reload goes. What is left in the third is why the gate does not bui
 
 Last (`served_path`), the form the gate builds: int8.pt2e_int8 exports, quantizes and compiles ahead of
 time (AOTInductor) in a child process, which exits with all of that, and this process loads the package.
-Its build time, answers, speed beside FX, and this process's RSS over builds made while the last one
-serves; and what a package costs per load with its weights inside the compiled library or beside it, as
-AOTInductor writes its interface and as packages.py has it written (`packages.unpinned_interface`).
+Its build time, answers, speed beside FX, and this process's RSS and Inductor's cache over builds made
+while the last one serves; and what a package costs per load with its weights inside the compiled library
+or beside it, as AOTInductor writes its interface and as packages.py has it written
+(`packages.unpinned_interface`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from reloader import int8, memory, packages
 from reloader.hardware import Hardware
@@ -112,7 +114,8 @@ def served_path(fp32: nn.Module, calibration: torch.Tensor, x: torch.Tensor) -> 
     print(f"  top-1 agreement with fp32 {agreement:.3f}, largest probability difference {delta:.4f}")
     ratio = statistics.median(times["FX int8"]) / statistics.median(times["PT2E int8"])
     print(f"  forward, batch {len(x)}: {ratio:.2f}x FX int8")
-    rss = []
+    rss, cache = [], Path(cache_dir())
+    cached = tree_mib(cache)
     for _ in range(BUILDS):
         serving, pt2e = pt2e, int8.pt2e_int8(fp32, calibration, len(x))
         with torch.inference_mode():
@@ -123,12 +126,18 @@ def served_path(fp32: nn.Module, calibration: torch.Tensor, x: torch.Tensor) -> 
     steps = [b - a for a, b in zip(rss, rss[1:], strict=False)]
     print("  RSS here after each build, each while the last one serves (MiB): " + ", ".join(f"{r:.0f}" for r in rss))
     print(f"  growth per build: median {statistics.median(steps):.1f} MiB")
+    print(f"  Inductor's cache ({cache}): {cached:.1f} -> {tree_mib(cache):.1f} MiB over the {BUILDS} builds")
     for inside, unpinned in ((True, False), (False, False), (True, True), (False, True)):
         loads = aoti_loads(fp32, calibration, x, inside, unpinned)
         where = "inside the library" if inside else "beside it"
         how = "packages.py's interface" if unpinned else "AOTInductor's interface"
         readings = ", ".join(f"{r:.0f}" for r in loads)
         print(f"RSS after each load of one package, weights {where}, {how} (MiB): {readings}")
+
+
+def tree_mib(folder: Path) -> float:
+    """The size of the files under `folder`, in MiB."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
 def release(form: nn.Module) -> None:

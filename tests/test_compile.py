@@ -365,6 +365,24 @@ def test_a_kept_library_runs_a_checkpoint_whose_weights_are_views_into_a_larger_
     assert later.fc.bias.storage_offset() == 10  # the module's own tensors are left as they were
 
 
+def test_a_build_leaves_no_copy_of_its_package_in_inductors_cache(tmp_path, monkeypatch):
+    """AOTInductor wrote each package's library, source and weights into Inductor's cache and left them
+    there: a server building every new checkpoint grew its /tmp by the model's size each time."""
+    from tinynet import ColourNet
+
+    cache = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))  # the build's process inherits it
+    images = torch.rand(4, 3, 16, 16)
+    module = ColourNet().eval().requires_grad_(False)
+    path = packages.package(module, images, 4, tmp_path)
+
+    assert any(cache.rglob("*.so")), "the build did not use this cache"  # its probes of the CPU, kept
+    left = sorted(p.name for p in cache.rglob("*") if p.is_file() and ("wrapper" in p.name or "kernel" in p.name))
+    assert left == [], left
+    with torch.inference_mode():  # the package holds what the cache no longer does
+        torch.testing.assert_close(packages.loaded(path, (3, 16, 16), 4)(images), module(images), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.torch_compile
 def test_a_compiled_package_lets_go_of_the_gil_while_it_runs():
     """torch's runners hold it for the whole forward: serving's decoding and event loop waited meanwhile
