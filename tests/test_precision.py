@@ -400,21 +400,23 @@ def test_an_int8_form_and_what_built_it_are_freed_once_dropped(project: Project)
     assert [r() for r in refs if r() is not None] == []
 
 
+class SmallBatchesOnly(torch.nn.Module):
+    """`inner`, failing as a machine short of memory does on batches of more than 3."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) > 3:
+            raise RuntimeError("out of memory")
+        return self.inner(x)
+
+
 def test_a_form_that_fails_at_the_full_batch_is_not_offered_and_auto_serves_fp32(project: Project, monkeypatch):
     from reloader import precision
 
     real_build = precision.build
-
-    class SmallBatchesOnly(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if len(x) > 3:
-                raise RuntimeError("out of memory")
-            return self.inner(x)
-
     monkeypatch.setattr(precision, "build", lambda *args: SmallBatchesOnly(real_build(*args)))
     report = (
         Gate("colours", configure(project, "auto"), prepare_module, XEON).judge(project.save("colours-v1.pt")).report
@@ -446,16 +448,6 @@ def test_a_form_built_while_the_disk_is_full_leaves_the_file_to_be_judged_again_
 
 def test_under_auto_an_fp32_module_that_fails_at_the_full_batch_is_rejected_not_served(project: Project):
     """It used to serve, its failure left out of the report, and every full batch served then failed."""
-
-    class SmallBatchesOnly(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if len(x) > 3:
-                raise RuntimeError("out of memory")
-            return self.inner(x)
 
     def prepare(module: torch.nn.Module, config) -> torch.nn.Module:
         return SmallBatchesOnly(prepare_module(module, config))
