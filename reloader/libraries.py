@@ -241,8 +241,9 @@ def unpack(package: Path, folder: Path) -> tuple[Path, Path | None]:
 
 def calls_out(library: Path) -> list[str]:
     """The ops `library` runs outside its own code: those AOTInductor could not compile in, which it calls
-    through torch's proxy executor (listed in a JSON file beside it; quantized::max_pool2d in a resnet's
-    PT2E int8 form on a CPU with VNNI). Only torch's own loader makes that executor; `Container` passes none."""
+    through torch's proxy executor (listed in a JSON file beside it; torchvision's roi_align, say, and before
+    packages.inlined_quantized_max_pool a resnet's int8 max pool). Only torch's own loader makes that
+    executor; `Container` passes none."""
     listed = library.with_suffix(".json")
     if not listed.exists():
         return []

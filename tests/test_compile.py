@@ -383,6 +383,32 @@ def test_a_build_leaves_no_copy_of_its_package_in_inductors_cache(tmp_path, monk
         torch.testing.assert_close(packages.loaded(path, (3, 16, 16), 4)(images), module(images), rtol=1e-4, atol=1e-4)
 
 
+def test_a_package_whose_library_calls_ops_outside_itself_runs_through_torchs_loader_and_leaves_no_copy(
+    tmp_path, monkeypatch
+):
+    """AOTInductor compiles torchvision's roi_align as a call through torch's proxy executor, which a library
+    run by ctypes does not have: such a package runs through torch's loader, which unpacks it into TMPDIR
+    (removed once the package is dropped) and holds the GIL for the forward."""
+    from tinynet import RegionNet
+
+    module, images = RegionNet().eval().requires_grad_(False), torch.rand(4, 3, 16, 16)
+    path = packages.package(module, images, 4, tmp_path)
+    unpacked = tmp_path / "tmp"
+    unpacked.mkdir()
+    monkeypatch.setenv("TMPDIR", str(unpacked))
+
+    library, _ = libraries.unpack(path, tmp_path / "library")
+    assert libraries.calls_out(library) == ["torchvision::roi_align"]
+    form = packages.loaded(path, (3, 16, 16), 4)
+    assert not isinstance(form.runner, libraries.Container)
+    assert len(list(unpacked.iterdir())) == 1  # torch's loader's copy
+    with torch.inference_mode():
+        torch.testing.assert_close(form(images), module(images), rtol=1e-4, atol=1e-4)
+    del form
+    gc.collect()
+    assert list(unpacked.iterdir()) == []
+
+
 @pytest.mark.torch_compile
 def test_a_compiled_package_lets_go_of_the_gil_while_it_runs():
     """torch's runners hold it for the whole forward: serving's decoding and event loop waited meanwhile

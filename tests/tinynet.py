@@ -6,6 +6,7 @@ import os
 
 import torch
 from torch import nn
+from torchvision.ops import roi_align
 
 COLOURS = ("red", "green", "blue")
 
@@ -102,3 +103,20 @@ class HeavyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.convs(x)).flatten(1))
+
+
+class RegionNet(nn.Module):
+    """A convolution, then torchvision's roi_align over a fixed region of each image: an op AOTInductor does not
+    compile into a library, which calls it through torch's proxy executor instead."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 2 * 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.conv(x)
+        index = torch.arange(x.shape[0], dtype=x.dtype, device=x.device).unsqueeze(1)
+        corners = torch.tensor([[2.0, 2.0, 12.0, 12.0]], dtype=x.dtype, device=x.device).expand(x.shape[0], 4)
+        regions = roi_align(features, torch.cat([index, corners], dim=1), output_size=(2, 2), sampling_ratio=2)
+        return self.fc(regions.flatten(1))
