@@ -285,8 +285,8 @@ def inlined_quantized_max_pool() -> None:
     compiled into the library, as Inductor compiles any other pool, instead of being matched to
     quantized::max_pool2d. Inductor has no kernel of its own for that op: a library calls it through torch's
     proxy executor (libraries.calls_out), so every resnet's PT2E form needed torch's loader, which holds the
-    GIL for the whole forward, where the gate offers int8 (seen on a Zen 5 EPYC, with VNNI). Measured on resnet18 at
-    224 px, batch 8, here (Zen 5): the same answers (largest difference from fp32 0.0060 either way), 0.98x
+    GIL for the whole forward, where the gate offers int8 (seen on a Zen 5 EPYC, with VNNI). Measured there
+    on resnet18 at 224 px, batch 8: the same answers (largest difference from fp32 0.0060 either way), 0.98x
     the speed in process, and the GIL let go for the forward (another thread ran 2455 steps during three
     forwards, against 3)."""
     from torch._inductor.fx_passes import quantization
