@@ -389,6 +389,7 @@ def test_a_package_whose_library_calls_ops_outside_itself_runs_through_torchs_lo
     """AOTInductor compiles torchvision's roi_align as a call through torch's proxy executor, which a library
     run by ctypes does not have: such a package runs through torch's loader, which unpacks it into TMPDIR
     (removed once the package is dropped) and holds the GIL for the forward."""
+    import torchvision.ops  # noqa: F401  (registers roi_align, which torch's loader looks up; a server has it)
     from tinynet import RegionNet
 
     module, images = RegionNet().eval().requires_grad_(False), torch.rand(4, 3, 16, 16)

@@ -6,7 +6,6 @@ import os
 
 import torch
 from torch import nn
-from torchvision.ops import roi_align
 
 COLOURS = ("red", "green", "blue")
 
@@ -115,6 +114,9 @@ class RegionNet(nn.Module):
         self.fc = nn.Linear(4 * 2 * 2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Imported here: every server a test starts imports this file, and torchvision takes seconds to import.
+        from torchvision.ops import roi_align
+
         features = self.conv(x)
         index = torch.arange(x.shape[0], dtype=x.dtype, device=x.device).unsqueeze(1)
         corners = torch.tensor([[2.0, 2.0, 12.0, 12.0]], dtype=x.dtype, device=x.device).expand(x.shape[0], 4)
