@@ -20,7 +20,6 @@ import ctypes
 import json
 import mmap
 import shutil
-import tempfile
 import threading
 import weakref
 import zipfile
@@ -32,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .scratch import Scratch
 
 FOLDED = "_FOLDED_CONST_"  # Inductor's prefix for a constant computed from others (compile_fx.py)
 
@@ -274,13 +275,13 @@ def write(package: Path, module: nn.Module, folder: Path) -> str | None:
 
 class Kept:
     """Libraries kept for later checkpoints, one per definition, for the newest `limit` definitions: in a
-    folder of this process's (resnet18's library: 1.7 MB), removed when the process exits."""
+    folder of this process's (resnet18's library: 1.7 MB; scratch.py), removed when the process exits."""
 
     def __init__(self, limit: int = 8) -> None:
         self.limit = limit
         self._folders: OrderedDict[Hashable, Path] = OrderedDict()
         self._lock = threading.Lock()
-        self._root: Path | None = None
+        self._root: Scratch | None = None
         self._count = 0
 
     def get(self, key: Hashable) -> Library | None:
@@ -294,10 +295,9 @@ class Kept:
         """`library`, moved into the kept folder as `key`'s (replacing any before). The oldest beyond `limit` go."""
         with self._lock:
             if self._root is None:
-                self._root = Path(tempfile.mkdtemp(prefix="reloader-libraries-"))  # this user's alone (0700)
-                weakref.finalize(self, shutil.rmtree, self._root, ignore_errors=True)  # also at exit
+                self._root = Scratch("libraries")  # removed with this object, or at exit
             self._count += 1
-            folder = Path(shutil.move(library.folder, self._root / str(self._count)))
+            folder = Path(shutil.move(library.folder, self._root.path / str(self._count)))
             if key in self._folders:
                 shutil.rmtree(self._folders.pop(key), ignore_errors=True)
             self._folders[key] = folder

@@ -31,7 +31,6 @@ from __future__ import annotations
 import inspect
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +38,8 @@ import torch
 from torch import nn
 
 from . import libraries
-from .compute import lower_thread_priority, run_forward
+from .compute import die_with_parent, lower_thread_priority, run_forward
+from .scratch import Scratch
 
 # Exports and compiles for batches 1 to the model's max_size; the child gets this long to do it.
 BUILD_TIMEOUT_S = 900.0
@@ -103,9 +103,9 @@ def loaded(path: Path, image: tuple[int, ...], max_batch: int, eager: nn.Module 
     """The package at `path`, read whole (its file may go), with its own weights, run through AOTInductor's C
     interface (libraries.Container: the GIL let go for the forward). A package that calls ops outside its
     library (libraries.calls_out) runs through torch's loader instead, which holds the GIL for the forward."""
-    with tempfile.TemporaryDirectory(prefix="reloader-package-") as folder:  # the library stays mapped once it goes
+    with Scratch("package") as folder:  # the library stays mapped once it goes
         try:
-            library, blob = libraries.unpack(path, Path(folder))
+            library, blob = libraries.unpack(path, folder)
         except libraries.Unfit as exc:
             raise BuildFailed(str(exc)) from exc
         if libraries.calls_out(library):
@@ -127,8 +127,8 @@ def compiled(
     at the lowest priority; `transform` (a module-level function: the child imports it) runs there first.
     With `keep`: built without freezing, its library run with `module`'s tensors (`on_weights`), and handed
     to `keep` (which moves it out of the build's folder)."""
-    with tempfile.TemporaryDirectory(prefix="reloader-compile-") as folder:  # this user's alone (mode 0700)
-        built = package(module, images, max_batch, Path(folder), transform, what, swappable=keep is not None)
+    with Scratch("compile") as folder:
+        built = package(module, images, max_batch, folder, transform, what, swappable=keep is not None)
         library = libraries.Library(built.parent / "library")
         if keep is None or not library.exists():  # not the eager module of a transformed form: its own
             return loaded(built, images.shape[1:], max_batch, None if transform else module)
@@ -175,7 +175,10 @@ def package(
     # memory, /dev/shm, which a container caps at 64 MB by default.
     torch.save({"module": module, "images": images}, given)
     child = multiprocessing.get_context("spawn").Process(
-        target=_build, args=(given, max_batch, path, log, transform, swappable), name="reloader-compile", daemon=True
+        target=_build,
+        args=(os.getpid(), given, max_batch, path, log, transform, swappable),
+        name="reloader-compile",
+        daemon=True,
     )
     child.start()
     child.join(BUILD_TIMEOUT_S)
@@ -190,10 +193,13 @@ def package(
     return path
 
 
-def _build(given: Path, max_batch: int, path: Path, log: Path, transform: Transform | None, swappable: bool) -> None:
+def _build(
+    parent: int, given: Path, max_batch: int, path: Path, log: Path, transform: Transform | None, swappable: bool
+) -> None:
     """In the child: transform where asked, then compile and package."""
     import torch._inductor.config as inductor_config
 
+    die_with_parent(parent)
     with log.open("ab") as out:  # the compiler's processes inherit these too
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)

@@ -14,7 +14,7 @@ from types import FrameType
 
 import uvicorn
 
-from . import openapi, optimize
+from . import openapi, optimize, scratch
 from .app import Service, build_app
 from .batching import Batcher
 from .canary import Canaries
@@ -176,6 +176,13 @@ class Daemon:
             self.supervisor.config_path,
             extra={"event": "start", "config": str(self.supervisor.config_path)},
         )
+        for path, size in scratch.sweep():
+            logger.warning(
+                "removed %s (%.1f MiB), left by a reloader process that died",
+                path,
+                size / 2**20,
+                extra={"event": "swept", "path": str(path), "bytes": size},
+            )
         # Outside the try: Ctrl-C during a long initial load exits at once, without joining the workers.
         self.parts.start(Supervisor.PART)
         self.supervisor.wait_idle()
