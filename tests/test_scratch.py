@@ -120,7 +120,8 @@ def test_a_build_s_child_dies_with_the_server_and_the_next_server_sweeps_its_fol
     tmpdir_env: Path, project: Project, start_daemon
 ):
     """A server killed mid-build (SIGKILL) left its build child compiling for the rest of its minute, into a
-    folder nothing read, and left that folder in TMPDIR (72 MB for resnet18's int8 form here; 45 MB with the child killed too)."""
+    folder nothing read, and left that folder in TMPDIR (72 MB for resnet18's int8 form here; 45 MB with the
+    child killed too)."""
     env = subprocess_env(TMPDIR=str(tmpdir_env))
     server = subprocess.Popen([sys.executable, "-c", textwrap.dedent(BUILDER)], env=env)
     try:
