@@ -93,17 +93,15 @@ def test_a_folder_removed_in_process_lets_go_of_its_lock_only_once_gone(tmpdir_e
 
 
 def _children(parent: int) -> list[int]:
+    """`parent`'s build children (multiprocessing's spawned processes, not its resource tracker)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2 :].split()[1]) == parent and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(int(pid))
+            except OSError:  # it ended meanwhile
+                continue
     return found
 
 
