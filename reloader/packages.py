@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import multiprocessing
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,9 +41,13 @@ from torch import nn
 from . import libraries
 from .compute import die_with_parent, lower_thread_priority, run_forward
 from .scratch import Scratch
+from .threads import Stopping, current_stop
 
 # Exports and compiles for batches 1 to the model's max_size; the child gets this long to do it.
 BUILD_TIMEOUT_S = 900.0
+# How often a build looks whether its thread is asked to stop (a daemon's SIGTERM, a model taken out of the
+# config): it then kills its child, and the stop does not wait for a compile of a minute or more.
+STOP_POLL_S = 0.1
 
 # AOTInductor's options for the package: the weights beside the compiled library, not inside it.
 PACKAGE_OPTIONS = {
@@ -169,7 +174,8 @@ def package(
 ) -> Path:
     """The package of `module`, built in a child process into `folder`; `swappable`: without freezing, and its
     library written to `folder`/library (libraries.write). The child's output goes to a log file there, not
-    the daemon's: a failure's reason is the log's last line."""
+    the daemon's: a failure's reason is the log's last line. Where the thread that builds is asked to stop
+    (threads.current_stop), the child is killed at once and threads.Stopping raised: no verdict."""
     path, log, given = folder / "compiled.pt2", folder / "build.log", folder / "module.pt"
     # Handed over in a file: as multiprocessing arguments, the module's tensors would move into shared
     # memory, /dev/shm, which a container caps at 64 MB by default.
@@ -181,10 +187,14 @@ def package(
         daemon=True,
     )
     child.start()
-    child.join(BUILD_TIMEOUT_S)
+    stop, deadline = current_stop(), time.monotonic() + BUILD_TIMEOUT_S
+    while child.is_alive() and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        child.join(STOP_POLL_S)
     if child.is_alive():
         child.kill()
         child.join()
+        if stop is not None and stop.is_set():
+            raise Stopping(f"the {what} was ended unfinished, its child process killed")
         raise BuildFailed(f"the {what} took over {BUILD_TIMEOUT_S:.0f} s")
     if child.exitcode != 0 or not path.exists():
         lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []

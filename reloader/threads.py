@@ -18,6 +18,22 @@ logger = logging.getLogger("reloader.threads")
 STOP_WAIT_S = 5.0
 
 
+class Stopping(BaseException):
+    """Raised on a loop thread by work that ends early because the thread is asked to stop: a build in a child
+    process (packages.package), which would otherwise hold the stop for as long as it compiles. A
+    BaseException, as asyncio.CancelledError is: the `except Exception` that makes a failing check a rejection,
+    or a failing form under `precision: auto` a reason to try the next, lets it by, so a stop is never read as
+    a verdict on a checkpoint. The loop ends on it, with a line at INFO."""
+
+
+_running = threading.local()
+
+
+def current_stop() -> threading.Event | None:
+    """The stop of the loop thread that calls, None on any other thread (the main thread: `reloader validate`)."""
+    return getattr(_running, "stop", None)
+
+
 class LoopThread:
     """A daemon thread that calls `tick()` whenever it is woken, or when the wait `tick()` asked for ends.
 
@@ -64,6 +80,7 @@ class LoopThread:
         raise NotImplementedError
 
     def _run(self) -> None:
+        _running.stop = self._stop
         self.setup()
         wait: float | None = None
         while True:
@@ -75,6 +92,9 @@ class LoopThread:
             self._busy_since = time.monotonic()
             try:
                 wait = self.tick()
+            except Stopping as exc:
+                logger.info("%s stops: %s", self._thread.name, exc)
+                return
             finally:
                 self._busy_since = None
 

@@ -1,5 +1,6 @@
 """The server's folders in TMPDIR outlive no server: a killed one's are removed by the next to start, a live
-one's are left alone, and a build's child process dies with the server that started it."""
+one's are left alone, and a build's child process dies with the server that started it, or ends as soon as
+its server is asked to stop."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import Project, subprocess_env, wait_until
+from conftest import Project, colours_yaml, subprocess_env, wait_until
 
 from reloader import scratch
 
@@ -139,3 +140,59 @@ def test_a_build_s_child_dies_with_the_server_and_the_next_server_sweeps_its_fol
     assert not folder.exists()
     assert f"removed {folder} (" in daemon.log() and "left by a reloader process that died" in daemon.log()
     assert daemon.predict("red").json()["predictions"][0]["label"] == "red"
+
+
+# Another model on the same checkpoints, to be taken out of the config mid-build.
+SECOND = """  second:
+    arch: tinynet:colour_net
+    num_classes: 3
+    labels: [red, green, blue]
+    checkpoints: checkpoints/colours
+    preprocess: {resize: 32, crop: 32}
+    warmup:
+      images: [golden/red.png]
+"""
+COMPILED = "    optimize: compile\n"
+
+
+def _build_started(root: Path, parent: int) -> tuple[Path, int]:
+    """The folder of the build that has begun in `root` (its child has opened its log), and its child."""
+    log = wait_until(lambda: next(root.glob("reloader-compile-*/build.log"), None), timeout=120, what="a build")
+    children = _children(parent)
+    assert len(children) == 1, children
+    return log.parent, children[0]
+
+
+def _ended(model: str, folder: Path, child: int, log: str) -> None:
+    """The build for `model` ended at once, its child and folder with it, and judged nothing."""
+    assert f"reload-{model} stops: the ahead-of-time compile was ended unfinished, its child process killed" in log
+    assert "did not stop within" not in log  # the stop used to wait 5 s for the build, then leave it running
+    # A stop is no verdict: not a rejection, not a failed pass, nor a reason to compile in the server's process.
+    assert "rejected" not in log and "reload pass failed" not in log and "so this process compiles" not in log
+    wait_until(lambda: not _running(child), what="the build's child to end")
+    assert not folder.exists()
+
+
+@pytest.mark.torch_compile
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc (Linux)")
+def test_a_build_ends_at_once_when_its_model_leaves_the_config_or_the_server_stops(
+    tmpdir_env: Path, project: Project, start_daemon
+):
+    live = project.save("colours-v1.pt")
+    project.write_config(colours_yaml(extra_model=SECOND))
+    daemon = start_daemon(project.config, env={"TMPDIR": str(tmpdir_env)})
+    pid = daemon.proc.pid
+
+    # Edited in while serving, a definition this process has not compiled is built by a child.
+    project.write_config(colours_yaml(extra_model=SECOND + COMPILED))
+    folder, child = _build_started(tmpdir_env, pid)
+    project.write_config(colours_yaml())  # `second` goes mid-build
+    wait_until(lambda: "model second: removed from the config" in daemon.log(), what="second's removal")
+    _ended("second", folder, child, daemon.log())
+    assert daemon.predict("blue").json()["predictions"][0]["label"] == "blue"
+
+    project.write_config(colours_yaml().replace("    version: latest\n", "    version: latest\n" + COMPILED))
+    folder, child = _build_started(tmpdir_env, pid)
+    assert daemon.stop() == 0
+    _ended("colours", folder, child, daemon.log())
+    assert list(tmpdir_env.glob("reloader-*")) == [] and live.exists()
