@@ -360,3 +360,40 @@ def test_a_reload_stuck_past_its_bound_fails_healthz_and_sigterm_still_ends_the_
     wait_until(lambda: daemon.get("/healthz").status_code == 503, what="the next stuck reload")
     assert daemon.stop() == 0  # a thread stuck in a read does not hold the process
     assert "did not stop within 5 s" in daemon.log()
+
+
+def test_a_model_taken_out_of_the_config_while_its_reload_is_stuck_does_not_come_back_when_the_read_ends(
+    project: Project, start_daemon, tmp_path
+):
+    """Its worker, left behind by the stop, used to carry on once the read ended: it put the removed model back
+    in the registry (in /metrics, with its memory, for good) and logged it live."""
+    from tinynet import STALL, colour_state_dict
+
+    fifo = tmp_path / "stall.fifo"
+    os.mkfifo(fifo)
+    project.save("colours-v1.pt")
+    second = project.checkpoints.parent / "second"
+    second.mkdir()
+    project.save("second-v1.pt", folder=second)
+    model = colours_yaml().split("  colours:\n", 1)[1].replace("colour_net", "stalling_net")
+    both = colours_yaml(
+        server="  stuck_reload_s: 1\n", extra_model="  second:\n" + model.replace("/colours", "/second")
+    )
+    project.write_config(both)
+    daemon = start_daemon(project.config, env={"TINYNET_STALL_FIFO": str(fifo)})
+    stalling = colour_state_dict()
+    stalling["fc.bias"][0] = STALL
+    project.save("second-v2.pt", stalling, folder=second)  # its load hangs
+    wait_until(lambda: daemon.get("/healthz").status_code == 503, what="/healthz to notice the stuck reload")
+
+    project.write_config(colours_yaml(server="  stuck_reload_s: 1\n"))
+    wait_until(lambda: "model second: removed from the config" in daemon.log(), what="second's removal")
+    assert "reload-second did not stop within 5 s" in daemon.log()
+    wait_until(lambda: _release(fifo), what="the stalled load to read the FIFO")
+    stops = "reload-second stops: second-v2.pt passed the gate but does not serve: its model's worker stops"
+    wait_until(lambda: stops in daemon.log(), what="the worker left behind to end")
+    assert "model second: version 2 live" not in daemon.log()
+    metrics = daemon.get("/metrics").text
+    assert 'reloader_live_version{model="colours"} 1.0' in metrics and 'live_version{model="second"}' not in metrics
+    assert daemon.get("/healthz").status_code == 200
+    assert daemon.predict("green").json()["predictions"][0]["label"] == "green"
