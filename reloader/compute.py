@@ -69,6 +69,16 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def thread_lock_for_progress_bars() -> None:
+    """In a child process (a build): tqdm's lock is a thread lock. torch.fx's interpreter makes a (disabled)
+    tqdm bar, and tqdm's first bar creates a multiprocessing lock, a named semaphore: a child killed (its
+    server stopping, its timeout) never removed it, and multiprocessing's resource tracker did at the server's
+    exit, with a warning of a leaked semaphore. The child's one process needs no more than a thread lock."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def run_forward(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """One forward pass, in turn with every other, on the batch as serving passes it (so compiled graphs match)."""
     with FORWARD_LOCK, torch.inference_mode():

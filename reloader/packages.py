@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from . import libraries
-from .compute import die_with_parent, lower_thread_priority, run_forward
+from .compute import die_with_parent, lower_thread_priority, run_forward, thread_lock_for_progress_bars
 from .scratch import Scratch
 from .threads import Stopping, current_stop
 
@@ -210,6 +210,7 @@ def _build(
     import torch._inductor.config as inductor_config
 
     die_with_parent(parent)
+    thread_lock_for_progress_bars()
     with log.open("ab") as out:  # the compiler's processes inherit these too
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)

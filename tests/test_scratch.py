@@ -32,6 +32,24 @@ module = ColourNet().eval().requires_grad_(False)
 packages.compiled(module, torch.rand(4, 3, 16, 16), 4)
 """
 
+# torch.fx's interpreter, as a build's export runs it, counting the multiprocessing locks it makes.
+INTERPRETER = """
+import sys
+import multiprocessing.synchronize as synchronize
+made = []
+init = synchronize.SemLock.__init__
+def counted(self, *args, **kwargs):
+    made.append(args)
+    init(self, *args, **kwargs)
+synchronize.SemLock.__init__ = counted
+import torch
+from reloader.compute import thread_lock_for_progress_bars
+if sys.argv[1] == "child":
+    thread_lock_for_progress_bars()
+torch.fx.Interpreter(torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU()))).run(torch.ones(1))
+print(len(made))
+"""
+
 
 @pytest.fixture
 def tmpdir_env(tmp_path: Path) -> Path:
@@ -196,3 +214,14 @@ def test_a_build_ends_at_once_when_its_model_leaves_the_config_or_the_server_sto
     assert daemon.stop() == 0
     _ended("colours", folder, child, daemon.log())
     assert list(tmpdir_env.glob("reloader-*")) == [] and live.exists()
+
+
+@pytest.mark.parametrize(("process", "semaphores"), [("server", 1), ("child", 0)])
+def test_a_build_s_child_makes_no_named_semaphore_that_its_kill_would_leave_behind(process: str, semaphores: int):
+    """torch.fx's interpreter makes a disabled tqdm bar, and tqdm's first makes a multiprocessing lock: a named
+    semaphore that a child killed mid-build left to the resource tracker, which warned of a leak at exit. The
+    server's own process (no call) shows that the count sees it."""
+    out = subprocess.run(
+        [sys.executable, "-c", INTERPRETER, process], capture_output=True, text=True, env=subprocess_env(), check=True
+    )
+    assert int(out.stdout.split()[-1]) == semaphores
