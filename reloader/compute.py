@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing.process
 import os
 import signal
 import threading
@@ -67,6 +68,25 @@ def die_with_parent(parent: int) -> None:
     c.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # it died before that
         os._exit(1)
+
+
+def as_build_child(parent: int) -> None:
+    """First in a build's child process: in a process group of its own, with the compilers it starts, which
+    kill_group ends at once; killed with its server; and no lock of its own that its kill would leave behind."""
+    os.setpgid(0, 0)
+    die_with_parent(parent)
+    thread_lock_for_progress_bars()
+
+
+def kill_group(child: multiprocessing.process.BaseProcess) -> None:
+    """A build's `child` killed with the compilers it started (its process group: as_build_child), and waited
+    for: a compiler left running would write into its build's folder as that folder is removed."""
+    child.kill()
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    except ProcessLookupError:  # killed before it made its group: it started nothing
+        pass
+    child.join()
 
 
 def thread_lock_for_progress_bars() -> None:

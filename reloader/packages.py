@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from . import libraries
-from .compute import die_with_parent, lower_thread_priority, run_forward, thread_lock_for_progress_bars
+from .compute import as_build_child, kill_group, lower_thread_priority, run_forward
 from .scratch import Scratch
-from .threads import Stopping, current_stop
+from .threads import Stopping, current_stop, stop_if_asked
 
 # Exports and compiles for batches 1 to the model's max_size; the child gets this long to do it.
 BUILD_TIMEOUT_S = 900.0
@@ -177,6 +177,7 @@ def package(
     the daemon's: a failure's reason is the log's last line. Where the thread that builds is asked to stop
     (threads.current_stop), the child is killed at once and threads.Stopping raised: no verdict."""
     path, log, given = folder / "compiled.pt2", folder / "build.log", folder / "module.pt"
+    stop_if_asked(f"the {what} is not started")
     # Handed over in a file: as multiprocessing arguments, the module's tensors would move into shared
     # memory, /dev/shm, which a container caps at 64 MB by default.
     torch.save({"module": module, "images": images}, given)
@@ -191,8 +192,7 @@ def package(
     while child.is_alive() and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
         child.join(STOP_POLL_S)
     if child.is_alive():
-        child.kill()
-        child.join()
+        kill_group(child)
         if stop is not None and stop.is_set():
             raise Stopping(f"the {what} was ended unfinished, its child process killed")
         raise BuildFailed(f"the {what} took over {BUILD_TIMEOUT_S:.0f} s")
@@ -209,8 +209,7 @@ def _build(
     """In the child: transform where asked, then compile and package."""
     import torch._inductor.config as inductor_config
 
-    die_with_parent(parent)
-    thread_lock_for_progress_bars()
+    as_build_child(parent)
     with log.open("ab") as out:  # the compiler's processes inherit these too
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)

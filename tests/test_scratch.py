@@ -4,15 +4,20 @@ its server is asked to stop."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 from conftest import Project, colours_yaml, subprocess_env, wait_until
 
 from reloader import scratch
+from reloader.compute import kill_group
 
 HOLDER = """
 import sys
@@ -216,12 +221,38 @@ def test_a_build_ends_at_once_when_its_model_leaves_the_config_or_the_server_sto
     assert list(tmpdir_env.glob("reloader-*")) == [] and live.exists()
 
 
-@pytest.mark.parametrize(("process", "semaphores"), [("server", 1), ("child", 0)])
-def test_a_build_s_child_makes_no_named_semaphore_that_its_kill_would_leave_behind(process: str, semaphores: int):
+@pytest.mark.parametrize("process", ["server", "child"])
+def test_a_build_s_child_makes_no_named_semaphore_that_its_kill_would_leave_behind(process: str):
     """torch.fx's interpreter makes a disabled tqdm bar, and tqdm's first makes a multiprocessing lock: a named
     semaphore that a child killed mid-build left to the resource tracker, which warned of a leak at exit. The
     server's own process (no call) shows that the count sees it."""
     out = subprocess.run(
         [sys.executable, "-c", INTERPRETER, process], capture_output=True, text=True, env=subprocess_env(), check=True
     )
-    assert int(out.stdout.split()[-1]) == semaphores
+    made = int(out.stdout.split()[-1])
+    assert made == 0 if process == "child" else made >= 1
+
+
+def _starts_a_compiler(pids) -> None:  # a build's child (spawned: a module-level function) and a long "compile"
+    from reloader.compute import as_build_child
+
+    as_build_child(os.getppid())
+    pids.put(subprocess.Popen(["sleep", "600"]).pid)
+    time.sleep(600)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc (Linux)")
+def test_a_build_s_child_is_killed_with_the_compilers_it_started():
+    """A compiler the child started (Inductor runs g++) went on after the child was killed, writing into the
+    build's folder as the server removed it."""
+    context = multiprocessing.get_context("spawn")
+    pids = context.Queue()
+    child = context.Process(target=_starts_a_compiler, args=(pids,), daemon=True)
+    child.start()
+    compiler = pids.get(timeout=60)
+    assert _running(compiler)
+
+    kill_group(child)
+
+    assert child.exitcode == -signal.SIGKILL
+    wait_until(lambda: not _running(compiler), what="the child's compiler to end with it")
