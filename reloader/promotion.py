@@ -21,7 +21,6 @@ from .memory import release
 from .policy import Serving, same_definition
 from .registry import LiveModel, Registry
 from .source import Clock
-from .threads import Stopping, current_stop
 
 Arrival = Callable[[], float | None]  # when the source first saw the file (and forget it), for since_detected
 
@@ -47,12 +46,7 @@ class Promotion:
         self.canary: Canary | None = None
 
     def passed(self, config: ModelConfig, new: LiveModel, arrival: Arrival) -> None:
-        """`new` passed the gate: it serves now, or shadows live traffic first. Not once its worker is asked to
-        stop: a worker its stop left behind in slow work (a read from a hung mount) and taken out of the config
-        meanwhile would put its model back in the registry, unconfigured, and its memory with it."""
-        stop = current_stop()
-        if stop is not None and stop.is_set():
-            raise Stopping(f"{new.path.name} passed the gate but does not serve: its model's worker stops")
+        """`new` passed the gate: it serves now, or shadows live traffic first."""
         live = self.registry.get(self.name)
         if config.canary is not None and config.version == "latest" and live and same_definition(live.config, config):
             self._start_canary(new, config)

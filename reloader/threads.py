@@ -20,10 +20,11 @@ STOP_WAIT_S = 5.0
 
 class Stopping(BaseException):
     """Raised on a loop thread by work that ends early because the thread is asked to stop: a build in a child
-    process (packages.package), which would otherwise hold the stop for as long as it compiles. A
-    BaseException, as asyncio.CancelledError is: the `except Exception` that makes a failing check a rejection,
-    or a failing form under `precision: auto` a reason to try the next, lets it by, so a stop is never read as
-    a verdict on a checkpoint. The loop ends on it, with a line at INFO."""
+    process (packages.package), which would otherwise hold the stop for as long as it compiles; a reload pass
+    whose stop left it behind (worker.py), which acts on nothing more. A BaseException, as
+    asyncio.CancelledError is: the `except Exception` that makes a failing check a rejection, or a failing form
+    under `precision: auto` a reason to try the next, lets it by, so a stop is never read as a verdict on a
+    checkpoint. The loop ends on it, with a line at INFO."""
 
 
 _running = threading.local()
@@ -32,6 +33,13 @@ _running = threading.local()
 def current_stop() -> threading.Event | None:
     """The stop of the loop thread that calls, None on any other thread (the main thread: `reloader validate`)."""
     return getattr(_running, "stop", None)
+
+
+def stop_if_asked(why: str) -> None:
+    """Raise Stopping, saying `why`, where the loop thread that calls is asked to stop."""
+    stop = current_stop()
+    if stop is not None and stop.is_set():
+        raise Stopping(why)
 
 
 class LoopThread:

@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from torch import nn
-
 from .caches import CheckpointCache
 from .canary import Canaries, Canary
 from .compute import lower_thread_priority
@@ -39,7 +37,7 @@ from .promotion import Promotion
 from .registry import LiveModel, Registry
 from .report import EvaluationResult
 from .source import CheckpointSource, Clock
-from .threads import LoopThread
+from .threads import LoopThread, stop_if_asked
 
 logger = logging.getLogger("reloader.jobs")  # the name log filters know (see logs.py)
 
@@ -65,10 +63,6 @@ class Found:
     live_file: LiveFile
 
 
-def _as_is(module: nn.Module, config: ModelConfig) -> nn.Module:
-    return module
-
-
 @dataclass(frozen=True)
 class Shared:
     """What every model's worker shares: the registry it swaps into, the bus it reports on, how a judged
@@ -76,7 +70,7 @@ class Shared:
 
     registry: Registry
     bus: EventBus
-    prepare: Prepare = _as_is
+    prepare: Prepare = lambda module, config: module  # as it is
     clock: Clock = time.monotonic
     canaries: Canaries = field(default_factory=Canaries)  # read by the batcher after each live batch
     pressure: Callable[[str], tuple[int, float]] = lambda name: (0, 0.0)  # Batcher.pressure
@@ -135,6 +129,7 @@ class ModelWorker(LoopThread):
     def stop(self) -> None:
         super().stop()
         self._promotion.end_canary()
+        self._idle.set()  # it does no more work: whoever waits for it to be idle (a SIGHUP's reload) goes on
 
     @property
     def canary(self) -> Canary | None:
@@ -204,6 +199,7 @@ class ModelWorker(LoopThread):
             self._bus.publish(SourceStatus(self.name, source.location, listing.error))
         judged: dict[Path, tuple[FileStatus, str | None]] = {}
         while True:
+            stop_if_asked("the rest of its reload pass is left undone")
             known, canary = self._cache.known(judged), self._promotion.shadowing(config)
             decision = plan(listing, self._serving(config), config.version, known, canary, config.max_checkpoint_bytes)
             if isinstance(decision, Settled):
@@ -258,6 +254,8 @@ class ModelWorker(LoopThread):
         except FetchFailed as exc:  # the endpoint failed mid-pass: nothing was judged, the next listing retries
             return (FileStatus.INCOMPLETE, str(exc))
         judgement = gate.judge(local, source.name(cand.path), self._live_score(gate, config))
+        # Left behind by its stop (in a hung read, say) and its model removed: no registry entry, no events, for it.
+        stop_if_asked(f"{cand.path.name} was judged, but the verdict is not acted on")
         report = judgement.report
         unchanged = source.unchanged(cand)
         if report.sha256 is not None and unchanged:

@@ -390,7 +390,7 @@ def test_a_model_taken_out_of_the_config_while_its_reload_is_stuck_does_not_come
     wait_until(lambda: "model second: removed from the config" in daemon.log(), what="second's removal")
     assert "reload-second did not stop within 5 s" in daemon.log()
     wait_until(lambda: _release(fifo), what="the stalled load to read the FIFO")
-    stops = "reload-second stops: second-v2.pt passed the gate but does not serve: its model's worker stops"
+    stops = "reload-second stops: second-v2.pt was judged, but the verdict is not acted on"
     wait_until(lambda: stops in daemon.log(), what="the worker left behind to end")
     assert "model second: version 2 live" not in daemon.log()
     metrics = daemon.get("/metrics").text

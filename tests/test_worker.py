@@ -220,3 +220,13 @@ def test_a_pass_a_scheduled_listing_starts_shows_reloading_until_it_has_publishe
     finally:
         folder.go.set()
         worker.stop()
+
+
+def test_a_worker_stopped_with_work_pending_is_idle_so_nothing_waits_on_it(project: Project):
+    """A SIGHUP's reload waits for every worker to be idle: one whose model the config dropped mid-pass (its
+    pass ended by the stop, threads.Stopping) used to hold that wait for its whole timeout, 300 s."""
+    worker, _ = make_worker(project, EventBus())
+    worker.rescan()  # work pending, and the thread not started to do it
+    assert worker.reloading and not worker.wait_idle(0)
+    worker.stop()
+    assert worker.wait_idle(0) and not worker.reloading
