@@ -42,6 +42,7 @@ class Supervisor(LoopThread):
         self._events = EventLog()
         self._bus.subscribe(self._events)
         self._lock = threading.RLock()
+        self._applying = threading.Lock()  # one config applied at a time; what serving reads takes only _lock
         self.config = config  # guarded by _lock (replaced whole; readers take it once)
         self.config_error: str | None = None
         self.config_loaded_at = time.time()
@@ -146,26 +147,30 @@ class Supervisor(LoopThread):
             if changed or force:
                 self._bus.publish(ConfigRejected(self.config_path, str(exc)))
             return False
-        with self._lock:
-            if new.digest == self.config.digest and not force and self.config_error is None:
-                return True
-            old, self.config = self.config, new
-            self.config_error = None
-            self.config_loaded_at = time.time()
-            self._apply(old, new)
+        with self._applying:
+            with self._lock:
+                if new.digest == self.config.digest and not force and self.config_error is None:
+                    return True
+                old, self.config = self.config, new
+                self.config_error = None
+                self.config_loaded_at = time.time()
+                removed = self._apply(old, new)
+            # Outside _lock, which /healthz, /metrics and /models take on the event loop: a worker's stop waits
+            # up to 5 s for a reload stuck in a read, and every request, predictions too, waited with it.
+            for name, worker in removed:
+                worker.stop()
+                self.registry.remove(name)
+                self._events.forget(name)
+                release()  # its memory goes back now (a GPU's too), as at a swap
+                logger.info("model %s: removed from the config and unloaded", name)
         self._bus.publish(ConfigApplied(new))
         return True
 
-    def _apply(self, old: Config, new: Config) -> None:
+    def _apply(self, old: Config, new: Config) -> list[tuple[str, ModelWorker]]:
+        """The new config's workers started or told; those of the models it drops, to stop, returned."""
         if (old.server.host, old.server.port) != (new.server.host, new.server.port):
             logger.warning("server.host/port changes take effect after a restart")
-        for name in old.models.keys() - new.models.keys():
-            worker = self._workers.pop(name)
-            worker.stop()
-            self.registry.remove(name)
-            self._events.forget(name)
-            release()  # its memory goes back now (a GPU's too), as at a swap
-            logger.info("model %s: removed from the config and unloaded", name)
+        removed = [(name, self._workers.pop(name)) for name in old.models.keys() - new.models.keys()]
         for name, model in new.models.items():
             if name not in self._workers:
                 self._add(name, model)
@@ -174,6 +179,7 @@ class Supervisor(LoopThread):
                 worker = self._workers[name]
                 worker.set_config(model, self._source(name, new, worker.source))
                 logger.info("model %s: definition changed; validating before it replaces the live one", name)
+        return removed
 
     def _source(self, name: str, config: Config, current: CheckpointSource | None = None) -> CheckpointSource:
         """The model's source: the current one, told the new settings, while the folder or prefix stays."""

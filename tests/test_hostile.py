@@ -366,7 +366,8 @@ def test_a_model_taken_out_of_the_config_while_its_reload_is_stuck_does_not_come
     project: Project, start_daemon, tmp_path
 ):
     """Its worker, left behind by the stop, used to carry on once the read ended: it put the removed model back
-    in the registry (in /metrics, with its memory, for good) and logged it live."""
+    in the registry (in /metrics, with its memory, for good) and logged it live. And the server went on
+    answering meanwhile."""
     from tinynet import STALL, colour_state_dict
 
     fifo = tmp_path / "stall.fifo"
@@ -387,6 +388,10 @@ def test_a_model_taken_out_of_the_config_while_its_reload_is_stuck_does_not_come
     wait_until(lambda: daemon.get("/healthz").status_code == 503, what="/healthz to notice the stuck reload")
 
     project.write_config(colours_yaml(server="  stuck_reload_s: 1\n"))
+    # Answered while the removal waits its 5 s for the stuck thread: it used to wait under the lock that
+    # /healthz, /metrics and /models take on the event loop, and every request waited with it, predictions too.
+    wait_until(lambda: "second" not in daemon.get("/models").json()["models"], what="a config without second")
+    assert "did not stop within" not in daemon.log()
     wait_until(lambda: "model second: removed from the config" in daemon.log(), what="second's removal")
     assert "reload-second did not stop within 5 s" in daemon.log()
     wait_until(lambda: _release(fifo), what="the stalled load to read the FIFO")
