@@ -46,7 +46,7 @@ class Supervisor(LoopThread):
         self.config = config  # guarded by _lock (replaced whole; readers take it once)
         self.config_error: str | None = None
         self.config_loaded_at = time.time()
-        self._workers: dict[str, ModelWorker] = {}  # guarded by _lock
+        self._workers: dict[str, ModelWorker] = {}  # changed under _applying and _lock; read under either
         self._config_due: float | None = None  # guarded by _lock
         self._config_first_touch: float | None = None  # guarded by _lock
 
@@ -54,7 +54,7 @@ class Supervisor(LoopThread):
         self._bus.publish(ConfigApplied(self.config, initial=True))
         with self._lock:
             for name, model in self.config.models.items():
-                self._add(name, model)
+                self._add(name, model, self._source(name, self.config))
         super().start()
 
     def stop(self) -> None:
@@ -148,15 +148,21 @@ class Supervisor(LoopThread):
                 self._bus.publish(ConfigRejected(self.config_path, str(exc)))
             return False
         with self._applying:
+            old = self.config
+            if new.digest == old.digest and not force and self.config_error is None:
+                return True
+            # Made or told outside _lock, which /healthz, /metrics and /models take on the event loop: a bucket's
+            # source reads its cache's index, and deletes the checkpoints another location left there.
+            sources = {
+                name: self._source(name, new, worker.source if (worker := self._workers.get(name)) else None)
+                for name, model in new.models.items()
+                if name not in self._workers or old.models[name] != model or _sources_differ(old, new)
+            }
             with self._lock:
-                if new.digest == self.config.digest and not force and self.config_error is None:
-                    return True
-                old, self.config = self.config, new
-                self.config_error = None
-                self.config_loaded_at = time.time()
-                removed = self._apply(old, new)
-            # Outside _lock, which /healthz, /metrics and /models take on the event loop: a worker's stop waits
-            # up to 5 s for a reload stuck in a read, and every request, predictions too, waited with it.
+                self.config, self.config_error, self.config_loaded_at = new, None, time.time()
+                removed = self._apply(old, new, sources)
+            # Outside _lock too: a worker's stop waits up to 5 s for a reload stuck in a read, and every request,
+            # predictions too, waited with it.
             for name, worker in removed:
                 worker.stop()
                 self.registry.remove(name)
@@ -166,18 +172,18 @@ class Supervisor(LoopThread):
         self._bus.publish(ConfigApplied(new))
         return True
 
-    def _apply(self, old: Config, new: Config) -> list[tuple[str, ModelWorker]]:
-        """The new config's workers started or told; those of the models it drops, to stop, returned."""
+    def _apply(self, old: Config, new: Config, sources: dict[str, CheckpointSource]) -> list[tuple[str, ModelWorker]]:
+        """The new config's workers started, or told of their model's `sources`; the workers of the models it
+        drops, to stop, returned."""
         if (old.server.host, old.server.port) != (new.server.host, new.server.port):
             logger.warning("server.host/port changes take effect after a restart")
         removed = [(name, self._workers.pop(name)) for name in old.models.keys() - new.models.keys()]
         for name, model in new.models.items():
             if name not in self._workers:
-                self._add(name, model)
+                self._add(name, model, sources[name])
                 logger.info("model %s: added", name)
-            elif old.models[name] != model or _sources_differ(old, new):
-                worker = self._workers[name]
-                worker.set_config(model, self._source(name, new, worker.source))
+            elif name in sources:
+                self._workers[name].set_config(model, sources[name])
                 logger.info("model %s: definition changed; validating before it replaces the live one", name)
         return removed
 
@@ -195,8 +201,7 @@ class Supervisor(LoopThread):
             return current
         return LocalFolder(name, where, watch, self._bus, self._clock)
 
-    def _add(self, name: str, model: ModelConfig) -> None:
-        source = self._source(name, self.config)
+    def _add(self, name: str, model: ModelConfig, source: CheckpointSource) -> None:
         worker = ModelWorker(name, model, source, self._shared)
         self._workers[name] = worker
         worker.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -288,3 +289,38 @@ def test_load_checkpoint_refuses_a_file_over_the_limit_before_reading_it(project
     with pytest.raises(CheckpointRejected, match=f"load: {size} bytes, over max_checkpoint_bytes \\({size - 1}\\)"):
         load_checkpoint(path, size - 1)
     assert load_checkpoint(path, size).size == size
+
+
+def _opened_by(pid: int, path: Path) -> bool:
+    """Whether process `pid` has `path` open."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if Path(os.readlink(fd)) == path:
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process's open files from /proc (Linux)")
+def test_a_bucket_s_cache_stuck_in_a_read_holds_up_neither_answers_nor_health(project, moto, start_daemon):
+    """A model moved to a bucket gets a source that reads its cache's index (and deletes what another location
+    left there) as it is made. On a hung mount that read used to hold the lock that /healthz takes on the event
+    loop: every request waited with it, and a liveness probe would have failed the pod."""
+    project.save("colours-v1.pt")
+    daemon = start_daemon(project.config, env=moto.env())
+    moto.start()
+    moto.upload(project.stage("colours-v1.pt"))
+    index = project.root / "cache" / "colours" / ".index.json"
+    index.parent.mkdir(parents=True)
+    os.mkfifo(index)
+    writer = os.open(index, os.O_RDWR)  # held open, writing nothing: a read blocks, as one from a hung mount would
+    try:
+        project.write_config(bucket_yaml(project))
+        wait_until(lambda: _opened_by(daemon.proc.pid, index), what="the new source to read its cache's index")
+        assert daemon.get("/healthz", timeout=10).status_code == 200
+        assert daemon.predict("red").json()["predictions"][0]["label"] == "red"
+    finally:
+        os.close(writer)  # the read ends (empty: no index)
+    wait_until(lambda: daemon.status()["checkpoints"] == uri(), what="the model to read from the bucket")
+    wait_until(lambda: file_entry(daemon, "colours-v1.pt") is not None, what="the bucket's listing")
