@@ -42,7 +42,8 @@ class Supervisor(LoopThread):
         self._events = EventLog()
         self._bus.subscribe(self._events)
         self._lock = threading.RLock()
-        self._applying = threading.Lock()  # one config applied at a time; what serving reads takes only _lock
+        self._applying = threading.Lock()  # one config read and applied at a time; serving's reads take only _lock
+        self._closing = False  # guarded by _lock: stop() has listed the workers to stop; no more start
         self.config = config  # guarded by _lock (replaced whole; readers take it once)
         self.config_error: str | None = None
         self.config_loaded_at = time.time()
@@ -58,6 +59,8 @@ class Supervisor(LoopThread):
         super().start()
 
     def stop(self) -> None:
+        with self._lock:
+            self._closing = True
         super().stop()
         for worker in self.workers():
             worker.stop()
@@ -138,16 +141,16 @@ class Supervisor(LoopThread):
         return [w.source for w in self.workers() if isinstance(w.source, LocalFolder)]
 
     def _reload_config(self, *, force: bool) -> bool:
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            with self._lock:
-                changed = self.config_error != str(exc)
-                self.config_error = str(exc)
-            if changed or force:
-                self._bus.publish(ConfigRejected(self.config_path, str(exc)))
-            return False
-        with self._applying:
+        with self._applying:  # in the order read: a SIGHUP's reload and the watcher's, one config after the other
+            try:
+                new = load_config(self.config_path)
+            except ConfigError as exc:
+                with self._lock:
+                    changed = self.config_error != str(exc)
+                    self.config_error = str(exc)
+                if changed or force:
+                    self._bus.publish(ConfigRejected(self.config_path, str(exc)))
+                return False
             old = self.config
             if new.digest == old.digest and not force and self.config_error is None:
                 return True
@@ -158,26 +161,29 @@ class Supervisor(LoopThread):
                 for name, model in new.models.items()
                 if name not in self._workers or old.models[name] != model or _sources_differ(old, new)
             }
-            with self._lock:
-                self.config, self.config_error, self.config_loaded_at = new, None, time.time()
-                removed = self._apply(old, new, sources)
-            # Outside _lock too: a worker's stop waits up to 5 s for a reload stuck in a read, and every request,
-            # predictions too, waited with it.
-            for name, worker in removed:
-                worker.stop()
-                self.registry.remove(name)
-                self._events.forget(name)
-                release()  # its memory goes back now (a GPU's too), as at a swap
-                logger.info("model %s: removed from the config and unloaded", name)
-        self._bus.publish(ConfigApplied(new))
+            removed: list[tuple[str, ModelWorker]] = []
+            try:
+                with self._lock:
+                    if self._closing:  # stop() has stopped the workers it found: start none it would not stop
+                        return False
+                    self.config, self.config_error, self.config_loaded_at = new, None, time.time()
+                    removed = [(name, self._workers.pop(name)) for name in old.models.keys() - new.models.keys()]
+                    self._apply(old, new, sources)
+            finally:  # outside _lock too: a worker's stop waits up to 5 s for a reload stuck in a read, and every
+                # request, predictions too, waited with it
+                for name, worker in removed:
+                    worker.stop()
+                    self.registry.remove(name)
+                    self._events.forget(name)
+                    release()  # its memory goes back now (a GPU's too), as at a swap
+                    logger.info("model %s: removed from the config and unloaded", name)
+            self._bus.publish(ConfigApplied(new))
         return True
 
-    def _apply(self, old: Config, new: Config, sources: dict[str, CheckpointSource]) -> list[tuple[str, ModelWorker]]:
-        """The new config's workers started, or told of their model's `sources`; the workers of the models it
-        drops, to stop, returned."""
+    def _apply(self, old: Config, new: Config, sources: dict[str, CheckpointSource]) -> None:
+        """The new config's models' workers started, or told of their `sources`."""
         if (old.server.host, old.server.port) != (new.server.host, new.server.port):
             logger.warning("server.host/port changes take effect after a restart")
-        removed = [(name, self._workers.pop(name)) for name in old.models.keys() - new.models.keys()]
         for name, model in new.models.items():
             if name not in self._workers:
                 self._add(name, model, sources[name])
@@ -185,7 +191,6 @@ class Supervisor(LoopThread):
             elif name in sources:
                 self._workers[name].set_config(model, sources[name])
                 logger.info("model %s: definition changed; validating before it replaces the live one", name)
-        return removed
 
     def _source(self, name: str, config: Config, current: CheckpointSource | None = None) -> CheckpointSource:
         """The model's source: the current one, told the new settings, while the folder or prefix stays."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Project, sha256, wait_until
+from conftest import Project, colours_yaml, sha256, wait_until
 from tinynet import colour_state_dict
 
 from reloader import source as sources
@@ -230,3 +230,35 @@ def test_a_worker_stopped_with_work_pending_is_idle_so_nothing_waits_on_it(proje
     assert worker.reloading and not worker.wait_idle(0)
     worker.stop()
     assert worker.wait_idle(0) and not worker.reloading
+
+
+def test_a_config_whose_new_model_cannot_start_still_stops_and_unloads_the_model_it_drops(
+    project: Project, monkeypatch
+):
+    """The models a config drops are taken out before its new ones start: when a start failed, the dropped
+    model's worker was left running, out of every list, and could swap its model back in."""
+    from reloader.supervisor import Supervisor
+
+    project.save("colours-v1.pt")
+    registry = Registry()
+    supervisor = Supervisor(load_config(project.config), Shared(registry, EventBus()))
+    supervisor.start()
+    try:
+        assert supervisor.wait_idle(timeout=60) and registry.get("colours") is not None
+        dropped = supervisor.worker("colours")
+        assert dropped is not None
+        project.write_config(
+            colours_yaml()
+            .replace("  colours:\n", "  renamed:\n")
+            .replace("default_model: colours", "default_model: renamed")
+        )
+
+        def cannot_start(*args: object) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(Supervisor, "_add", cannot_start)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            supervisor.reload()
+        assert not dropped.is_alive() and registry.get("colours") is None and supervisor.workers() == []
+    finally:
+        supervisor.stop()
