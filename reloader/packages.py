@@ -41,7 +41,7 @@ from torch import nn
 from . import libraries
 from .compute import as_build_child, kill_group, lower_thread_priority, run_forward
 from .scratch import Scratch
-from .threads import Stopping, current_stop, stop_if_asked
+from .threads import stop_asked, stop_if_asked
 
 # Exports and compiles for batches 1 to the model's max_size; the child gets this long to do it.
 BUILD_TIMEOUT_S = 900.0
@@ -175,7 +175,7 @@ def package(
     """The package of `module`, built in a child process into `folder`; `swappable`: without freezing, and its
     library written to `folder`/library (libraries.write). The child's output goes to a log file there, not
     the daemon's: a failure's reason is the log's last line. Where the thread that builds is asked to stop
-    (threads.current_stop), the child is killed at once and threads.Stopping raised: no verdict."""
+    (threads.stop_asked), the child is killed at once and threads.Stopping raised: no verdict."""
     path, log, given = folder / "compiled.pt2", folder / "build.log", folder / "module.pt"
     stop_if_asked(f"the {what} is not started")
     # Handed over in a file: as multiprocessing arguments, the module's tensors would move into shared
@@ -188,13 +188,12 @@ def package(
         daemon=True,
     )
     child.start()
-    stop, deadline = current_stop(), time.monotonic() + BUILD_TIMEOUT_S
-    while child.is_alive() and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+    deadline = time.monotonic() + BUILD_TIMEOUT_S
+    while child.is_alive() and time.monotonic() < deadline and not stop_asked():
         child.join(STOP_POLL_S)
     if child.is_alive():
         kill_group(child)
-        if stop is not None and stop.is_set():
-            raise Stopping(f"the {what} was ended unfinished, its child process killed")
+        stop_if_asked(f"the {what} was ended unfinished, its child process killed")
         raise BuildFailed(f"the {what} took over {BUILD_TIMEOUT_S:.0f} s")
     if child.exitcode != 0 or not path.exists():
         lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []

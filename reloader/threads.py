@@ -30,15 +30,16 @@ class Stopping(BaseException):
 _running = threading.local()
 
 
-def current_stop() -> threading.Event | None:
-    """The stop of the loop thread that calls, None on any other thread (the main thread: `reloader validate`)."""
-    return getattr(_running, "stop", None)
+def stop_asked() -> bool:
+    """Whether the loop thread that calls is asked to stop; never on any other thread (the main thread:
+    `reloader validate`)."""
+    stop: threading.Event | None = getattr(_running, "stop", None)
+    return stop is not None and stop.is_set()
 
 
 def stop_if_asked(why: str) -> None:
     """Raise Stopping, saying `why`, where the loop thread that calls is asked to stop."""
-    stop = current_stop()
-    if stop is not None and stop.is_set():
+    if stop_asked():
         raise Stopping(why)
 
 

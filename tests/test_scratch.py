@@ -137,6 +137,14 @@ def _running(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"  # a zombie has ended; its reaper may not have waited yet
 
 
+def _build_started(root: Path, parent: int) -> tuple[Path, int]:
+    """The folder of the build that has begun in `root` (its child has opened its log), and its child."""
+    log = wait_until(lambda: next(root.glob("reloader-compile-*/build.log"), None), timeout=120, what="a build")
+    children = _children(parent)
+    assert len(children) == 1, children
+    return log.parent, children[0]
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc (Linux)")
 def test_a_build_s_child_dies_with_the_server_and_the_next_server_sweeps_its_folder(
     tmpdir_env: Path, project: Project, start_daemon
@@ -148,13 +156,10 @@ def test_a_build_s_child_dies_with_the_server_and_the_next_server_sweeps_its_fol
     server = subprocess.Popen([sys.executable, "-c", textwrap.dedent(BUILDER)], env=env)
     try:
         # The child opens its log once it has set itself to die with its parent, then imports and compiles.
-        log = wait_until(lambda: next(tmpdir_env.glob("reloader-compile-*/build.log"), None), timeout=120)
-        children = _children(server.pid)
+        folder, child = _build_started(tmpdir_env, server.pid)
     finally:
         killed(server)
-    folder = log.parent
-    assert len(children) == 1, children
-    wait_until(lambda: not _running(children[0]), what="the build's child to die with its server")
+    wait_until(lambda: not _running(child), what="the build's child to die with its server")
     assert not (folder / "compiled.pt2").exists()  # it did not build on: the build it was killed in wrote nothing
     assert (folder / scratch.LOCK).exists()
 
@@ -176,14 +181,6 @@ SECOND = """  second:
       images: [golden/red.png]
 """
 COMPILED = "    optimize: compile\n"
-
-
-def _build_started(root: Path, parent: int) -> tuple[Path, int]:
-    """The folder of the build that has begun in `root` (its child has opened its log), and its child."""
-    log = wait_until(lambda: next(root.glob("reloader-compile-*/build.log"), None), timeout=120, what="a build")
-    children = _children(parent)
-    assert len(children) == 1, children
-    return log.parent, children[0]
 
 
 def _ended(model: str, folder: Path, child: int, log: str) -> None:
