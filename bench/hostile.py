@@ -44,7 +44,7 @@ from reloader.config import ServerConfig
 from reloader.files import shown
 from reloader.hardware import Hardware
 
-from .servers import Server, reset_peak, server_env, status_kib
+from .servers import Server, git_state, reset_peak, server_env, status_kib
 from .servers import reloader as reloader_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -946,15 +946,6 @@ def run_case(d: Daemon, case: Case) -> dict[str, Any]:
 
 
 # -- the run and the report ----------------------------------------------------------------------------
-
-
-def git_state() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-        dirty = subprocess.run(["git", "status", "--porcelain", "reloader"], capture_output=True, text=True, cwd=ROOT)
-    except OSError:
-        return "unknown"
-    return head.stdout.strip() + (" with uncommitted changes under reloader/" if dirty.stdout.strip() else "")
 
 
 def hostile(out: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch
 
 from . import canary, fleet, inprocess, large, precision, reloads, servers, uploads, workload
 from .client import measure
-from .report import write_results
+from .report import write_results, write_split
 
 HERE = Path(__file__).resolve().parent
 # Naive at c=64 is not cheap: every request waits for all the others, one forward at a time (minutes of drain).
@@ -50,7 +50,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--swaps", type=int, help="valid swaps for the memory measurement (default 100)")
     parser.add_argument("--split", type=int, help="drops per kind for the reload latency split (default 10)")
     parser.add_argument("--out", type=Path, help="default bench/RESULTS.md (bench/out/<section>.md with --only)")
-    parser.add_argument("--only", choices=["canary"], help="run one section alone")
+    parser.add_argument("--only", choices=["canary", "split"], help="run one section alone")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (checkpoints, configs, logs)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads for every process (default: torch's)")
     args = parser.parse_args(argv)
@@ -153,8 +153,33 @@ def _canary_section(tmp: Path, logs: Path, images: list[bytes], args: argparse.N
         fh.write("\n".join(["", canary.SECTION, "", *canary.report_lines(run), "", *canary.targets(run), ""]))
 
 
+def _split_alone(args: argparse.Namespace) -> None:
+    """Section 6 on a reloader of its own, run from this checkout's code (so two checkouts give an A/B)."""
+    tmp = Path(tempfile.mkdtemp(prefix="reloader-bench-split-"))
+    started, load = time.strftime("%Y-%m-%d %H:%M:%S %Z"), _loadavg()
+    base = workload.state_dict(seed=0)
+    initial = workload.to_bytes(base)
+    t0 = time.perf_counter()
+    hashlib.sha256(initial).hexdigest()
+    sha_ms = (time.perf_counter() - t0) * 1000.0
+    folder = workload.checkpoints_folder(tmp, "split", initial)
+    config = workload.reloader_config(folder.parent, folder, queue_size=QUEUE_SIZE)
+    (tmp / "logs").mkdir()
+    with servers.reloader(config, tmp / "logs") as server:
+        split = reloads.latency_split(server, folder, workload.jpeg_images(), base, args.split)
+    code = f"{servers.ROOT} at {servers.git_state()}"
+    d = {"split": split, "file_bytes": len(initial), "sha_ms": sha_ms, "started": started, "load_start": load}
+    write_split(args.out, {**d, "code": code})
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    if args.only == "split":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        _split_alone(args)
+        print(args.out.read_text())
+        return 0
     if args.only == "canary":
         tmp = Path(tempfile.mkdtemp(prefix="reloader-bench-canary-"))
         (tmp / "logs").mkdir()

@@ -34,6 +34,16 @@ def server_env() -> dict[str, str]:
     return env
 
 
+def git_state() -> str:
+    """The commit the servers run, and whether reloader/ differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        dirty = subprocess.run(["git", "status", "--porcelain", "reloader"], capture_output=True, text=True, cwd=ROOT)
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + (" with uncommitted changes under reloader/" if dirty.stdout.strip() else "")
+
+
 def status_kib(pid: int, field: str) -> int:
     """VmRSS or VmHWM of a process, in KiB, from /proc/<pid>/status."""
     with open(f"/proc/{pid}/status") as fh:

@@ -6,9 +6,10 @@ ran; it waits `max_wait_ms` more only when other requests for that model are sti
 a lone request never waits.
 
 A request is bound to the live version when it is admitted, and may move to a newer one while it still
-waits in the queue: once a swap is done, no forward pass starts on the version it replaced. Only
-requests that allow it move (one image, no version asked for), and only to a version of the same model
-definition, so their preprocessing, labels and number of classes still hold.
+waits, in the queue or for its pass's turn at the forward lock: once a swap is done, no forward pass
+starts on the version it replaced. Only requests that allow it move (one image, no version asked for),
+and only to a version of the same model definition, so their preprocessing, labels and number of
+classes still hold.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from .compute import name_thread, run_forward
+from .compute import name_thread, run_forward, turn
 from .errors import NoFiniteAnswer, OutOfDeviceMemory, Overloaded, RequestTimedOut, out_of_memory
 from .images import stack_images
 from .registry import LiveModel
@@ -44,16 +45,27 @@ class _Item:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-def forward(live: LiveModel, batch: torch.Tensor) -> torch.Tensor:
-    """Probabilities for a batch of preprocessed images, on the model's own record."""
+def forward(
+    live: LiveModel, batch: torch.Tensor, newest: Callable[[], LiveModel | None] | None
+) -> tuple[torch.Tensor, LiveModel]:
+    """Probabilities for a batch of preprocessed images, and the record that computed them: `live`, or the
+    version `newest` finds live once the pass has its turn, where the batch may move (`newest` given)."""
     try:
-        return run_forward(live.module, batch).float().softmax(dim=1)
+        with turn():
+            # A gate's last pass kept its turn for its swap (compute.hand_over): the pass after it is the new version's.
+            live = _moved(live, newest() if newest is not None else None)
+            return run_forward(live.module, batch).float().softmax(dim=1), live
     except Exception as exc:
         if not out_of_memory(exc):  # out of memory (a trainer on the same GPU, say) is no fault of the request
             raise
     # Raised out of the except block: the memory error's traceback holds the forward's frames, and with them its
     # tensors on the device, which the next batch needs freed.
     raise OutOfDeviceMemory(f"{live.name!r} ran out of memory for a batch of {len(batch)}; retry")
+
+
+def _moved(live: LiveModel, newest: LiveModel | None) -> LiveModel:
+    """The version a request bound to `live` may move to: a newer one of the same definition."""
+    return newest if newest is not None and newest is not live and newest.config == live.config else live
 
 
 def answer(live: LiveModel, row: torch.Tensor) -> tuple[torch.Tensor, LiveModel]:
@@ -157,8 +169,8 @@ class Batcher:
     def _take(queue: deque[_Item], max_size: int, newest: LiveModel | None) -> list[_Item]:
         if newest is not None:
             for item in queue:
-                if item.follow and item.live is not newest and item.live.config == newest.config:
-                    item.live = newest
+                if item.follow:
+                    item.live = _moved(item.live, newest)
         # One pass serves one version: items that may not move stay together on the record they came with.
         first = queue[0].live
         batch: list[_Item] = []
@@ -177,27 +189,29 @@ class Batcher:
         live = batch[0].live
         stacked = stack_images([item.tensor for item in batch])
         started = time.perf_counter()
-        done = loop.run_in_executor(self._executor, forward, live, stacked)
+        newest = (lambda: self._current(live.name)) if all(item.follow for item in batch) else None
+        done = loop.run_in_executor(self._executor, forward, live, stacked, newest)
 
-        def finished(fut: asyncio.Future[torch.Tensor]) -> None:
+        def finished(fut: asyncio.Future[tuple[torch.Tensor, LiveModel]]) -> None:
             self._running = False
             seconds = time.perf_counter() - started
             self._forward_seconds[live.name] = self._forward_seconds.get(live.name, 0.0) + seconds
             self._on_batch(live.name, len(batch), seconds)
             exc = None if fut.cancelled() else fut.exception()
+            probs, served = (None, live) if fut.cancelled() or exc is not None else fut.result()
             shadow = self._shadow(live.name)
-            if shadow is not None and exc is None and not fut.cancelled():
-                shadow.offer(live, stacked, fut.result())  # a copy to compare on; it never delays these answers
+            if shadow is not None and probs is not None:
+                shadow.offer(served, stacked, probs)  # a copy to compare on; it never delays these answers
             for i, item in enumerate(batch):
                 if item.future.done():
                     continue
-                if fut.cancelled():
-                    item.future.cancel()
-                elif exc is not None:
+                if exc is not None:
                     item.future.set_exception(exc)
+                elif probs is None:  # cancelled
+                    item.future.cancel()
                 else:
                     try:
-                        item.future.set_result(answer(live, fut.result()[i]))
+                        item.future.set_result(answer(served, probs[i]))
                     except NoFiniteAnswer as wrong:
                         item.future.set_exception(wrong)
             self._kick()

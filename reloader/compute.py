@@ -2,14 +2,17 @@
 
 torch already spreads one forward pass over every core; two passes at once only fight over them. So
 serving batches and warm-up passes take turns under one lock, and a warm-up waits at most one batch.
-The rest of a reload (reading, hashing, deserializing) and the decoding of uploads run on threads the
-kernel schedules after serving's forward pass. A forward's threads wait for each other at every layer,
-so a decode that takes one of them off its core stalls both: with decoding at the process's priority, a
-bf16 forward fed by two decode threads lost 8-13 % of its images per second here (bench/README.md).
+A reload's last forward pass keeps its turn until its swap (`hand_over`): the pass after it is the new
+version's. The rest of a reload (reading, hashing, deserializing) and the decoding of uploads run on
+threads the kernel schedules after serving's forward pass. A forward's threads wait for each other at
+every layer, so a decode that takes one of them off its core stalls both: with decoding at the process's
+priority, a bf16 forward fed by two decode threads lost 8-13 % of its images per second here
+(bench/README.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import multiprocessing.process
@@ -17,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -99,10 +103,53 @@ def thread_lock_for_progress_bars() -> None:
     tqdm.set_lock(threading.RLock())
 
 
-def run_forward(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """One forward pass, in turn with every other, on the batch as serving passes it (so compiled graphs match)."""
-    with FORWARD_LOCK, torch.inference_mode():
+def run_forward(module: torch.nn.Module, batch: torch.Tensor, *, last: bool = False) -> torch.Tensor:
+    """One forward pass, in turn with every other, on the batch as serving passes it (so compiled graphs match).
+    `last`: a gate's last pass, after which it only decides; inside `hand_over`, it keeps its turn."""
+    with turn(keep=last), torch.inference_mode():
         return module(as_served(batch))
+
+
+@contextlib.contextmanager
+def turn(*, keep: bool = False) -> Iterator[None]:
+    """The calling thread's turn at FORWARD_LOCK. A block inside another takes nothing more (a serving pass
+    looks up the live version once it has its turn, then runs it). A turn this thread kept is given back
+    first, then taken again, as between any two of its passes. `keep`, inside `hand_over`: the turn is
+    kept past the block, until `give_back`."""
+    depth = getattr(_turns, "depth", 0)
+    if not depth:
+        give_back()
+        FORWARD_LOCK.acquire()
+    _turns.depth = depth + 1
+    try:
+        yield
+    finally:
+        _turns.depth = depth
+        if not depth:
+            _turns.kept = keep and getattr(_turns, "handing_over", False)
+            if not _turns.kept:
+                FORWARD_LOCK.release()
+
+
+def give_back() -> None:
+    """Release the turn this thread kept from its last pass (`turn(keep=True)`), if it kept one."""
+    if getattr(_turns, "kept", False):
+        _turns.kept = False
+        FORWARD_LOCK.release()
+
+
+@contextlib.contextmanager
+def hand_over() -> Iterator[None]:
+    """Around judging a file and acting on the verdict. The gate's last forward pass keeps its turn until the
+    swap gives it back (or the block ends), so no serving pass starts between them. Without it, the pass
+    waiting for the gate's turn ran on the version being replaced, a millisecond before the swap, and the
+    first answer by the new version came two passes after the gate, not one (reloader.batching)."""
+    _turns.handing_over = True
+    try:
+        yield
+    finally:
+        _turns.handing_over = False
+        give_back()
 
 
 def compile_forward(compiled: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -121,7 +168,9 @@ def compile_forward(compiled: torch.nn.Module, batch: torch.Tensor) -> torch.Ten
         _turns.compiling = False
 
 
-_turns = threading.local()  # `compiling`: this thread is in compile_forward, outside the locks
+# Per thread: `compiling`, in compile_forward, outside the locks; `depth`, the `turn` blocks it is in; `kept`,
+# it holds FORWARD_LOCK past its last pass; `handing_over`, in `hand_over`.
+_turns = threading.local()
 
 
 def _install_trace_turns() -> None:
@@ -137,7 +186,7 @@ def _install_trace_turns() -> None:
             return trace(self, *args, **kwargs)  # type: ignore[arg-type]
         _turns.compiling = False  # a trace nested in this one runs under the locks it already holds
         try:
-            with FORWARD_LOCK, TRACE_LOCK:
+            with turn(), TRACE_LOCK:
                 return trace(self, *args, **kwargs)  # type: ignore[arg-type]
         finally:
             _turns.compiling = True
@@ -148,7 +197,7 @@ def _install_trace_turns() -> None:
 
 def timed_forward(module: torch.nn.Module, batch: torch.Tensor) -> float:
     """Seconds one forward pass takes, timed once it holds the lock (not counting the wait for it)."""
-    with FORWARD_LOCK, torch.inference_mode():
+    with turn(), torch.inference_mode():
         batch = as_served(batch)
         started = time.perf_counter()
         module(batch)

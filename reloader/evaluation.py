@@ -34,14 +34,15 @@ class EvaluationSet:
                 raise ConfigError(f"models.{model}.evaluation.images: {shown(path)}: {exc}") from exc
             self.images.append((path.name, data, labels.index(label)))
 
-    def score(self, module: torch.nn.Module, batch_size: int) -> EvaluationResult:
-        """Top-1 accuracy and per-class recall of `module` on the set."""
+    def score(self, module: torch.nn.Module, batch_size: int, *, last: bool = False) -> EvaluationResult:
+        """Top-1 accuracy and per-class recall of `module` on the set; `last`: a gate's last passes."""
         hits = [0] * len(self.labels)
         totals = [0] * len(self.labels)
         for start in range(0, len(self.images), batch_size):
             chunk = self.images[start : start + batch_size]
             batch = stack_images([self.preprocessor.load(data) for _, data, _ in chunk])
-            predicted = run_forward(module, batch).argmax(dim=1).tolist()
+            final = last and start + batch_size >= len(self.images)
+            predicted = run_forward(module, batch, last=final).argmax(dim=1).tolist()
             for (_, _, truth), guess in zip(chunk, predicted, strict=True):
                 totals[truth] += 1
                 hits[truth] += int(guess == truth)

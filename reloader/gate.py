@@ -18,7 +18,7 @@ import torch
 
 from .architectures import build_model
 from .checkpoints import LoadedCheckpoint, OpenCheckpoint, load_checkpoint, open_checkpoint, parse_version
-from .compute import run_forward
+from .compute import give_back, run_forward
 from .config import ModelConfig
 from .errors import CheckpointIncomplete, CheckpointRejected, ConfigError, InvalidImage, short_of_resources
 from .evaluation import EvaluationSet
@@ -179,7 +179,7 @@ class Gate:
                 # On the device first, so what `prepare` compiles and warms is what will run there.
                 fp32 = self._prepare(module.to(self.device), self.config)
                 module = served(fp32, self.device)
-                detail.append(self._warmup(module))
+                detail.append(self._warmup(module, last=self.evaluation is None and self.config.precision == "fp32"))
             if self.config.precision != "fp32":
                 with checks.check("fidelity") as detail:
                     try:
@@ -193,7 +193,7 @@ class Gate:
             if self.evaluation is not None:
                 with checks.check("evaluation") as detail:
                     # The form that will serve is what is scored: it is what users will get.
-                    evaluation, failure = self.evaluation.judge(self.score(module), live)
+                    evaluation, failure = self.evaluation.judge(self.score(module, last=True), live)
                     if failure is not None:
                         raise CheckpointRejected("evaluation", failure)
                     detail.append(evaluation.summary())
@@ -222,6 +222,7 @@ class Gate:
             evaluation=evaluation,
         )
         if module is None and loaded is not None:
+            give_back()  # the turn kept by the last pass (compute.hand_over): no swap follows
             release()  # what the failed file built goes back now (a GPU's memory too), not at the next swap
         return Judgement(report, module, self.preprocessor)
 
@@ -236,10 +237,11 @@ class Gate:
         held_out = torch.cat([golden, images[1::2]])
         return Evidence(held_out, sources + names[1::2], len(golden), torch.cat([golden, images[0::2]]))
 
-    def score(self, module: torch.nn.Module) -> EvaluationResult:
-        """`module`'s accuracy on this definition's evaluation set (the live version's, for the regression bar)."""
+    def score(self, module: torch.nn.Module, *, last: bool = False) -> EvaluationResult:
+        """`module`'s accuracy on this definition's evaluation set (the live version's, for the regression bar);
+        `last`: the judging's last passes (compute.run_forward)."""
         assert self.evaluation is not None
-        return self.evaluation.score(module, self.config.batch.max_size)
+        return self.evaluation.score(module, self.config.batch.max_size, last=last)
 
     def live_score(self, module: torch.nn.Module) -> EvaluationResult | None:
         """The live version's score, the bar a candidate may trail by `max_regression`; None, with a warning,
@@ -257,10 +259,10 @@ class Gate:
             )
             return None
 
-    def _warmup(self, module: torch.nn.Module) -> str:
+    def _warmup(self, module: torch.nn.Module, *, last: bool) -> str:
         expected_shape = (1, self.config.num_classes)
-        for image in self.warmup:
-            out = run_forward(module, image.tensor.unsqueeze(0))
+        for i, image in enumerate(self.warmup):
+            out = run_forward(module, image.tensor.unsqueeze(0), last=last and i == len(self.warmup) - 1)
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected_shape:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise CheckpointRejected("warmup", f"{image.source}: output {shape}, expected {expected_shape}")

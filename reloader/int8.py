@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from . import packages
-from .compute import FORWARD_LOCK, TRACE_LOCK, run_forward
+from .compute import TRACE_LOCK, run_forward, turn
 from .hardware import Hardware
 
 
@@ -42,11 +42,11 @@ def fx_int8(fp32: nn.Module, calibration: torch.Tensor, max_batch: int) -> nn.Mo
     bare = [m for m in fp32.modules() if "qconfig" not in vars(m)]
     try:
         # fx patches nn.Module.__call__ for every thread while it traces: nothing may run a module meanwhile.
-        with FORWARD_LOCK, TRACE_LOCK:
+        with turn(), TRACE_LOCK:
             prepared = prepare_fx(fp32, get_default_qconfig_mapping("x86"), (calibration[:1],))
         for part in calibration.split(max_batch):  # the observers record each activation's range, a batch
             run_forward(prepared, part)  # at a time: each pass waits at most one of serving's
-        with FORWARD_LOCK, TRACE_LOCK:
+        with turn(), TRACE_LOCK:
             return convert_fx(prepared)
     finally:
         # prepare_fx and convert_fx look up each module's device through a functools.cache keyed by the

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .caches import CheckpointCache
 from .canary import Canaries, Canary, CanaryState
+from .compute import give_back
 from .config import ModelConfig
 from .events import CheckpointJudged, EventBus, Outcome
 from .memory import release
@@ -90,6 +91,7 @@ class Promotion:
 
     def end_canary(self) -> None:
         if self.canary is not None:
+            give_back()  # a turn kept for a swap (compute.hand_over): the canary's thread, joined here, may await it
             self._canaries.set(self.name, None)
             self.canary.stop()
             self.canary = None
@@ -107,6 +109,7 @@ class Promotion:
 
     def _go_live(self, new: LiveModel, seen: float | None, canary: str | None = None) -> None:
         previous = self.registry.swap(new)
+        give_back()  # the turn the gate's last pass kept for this swap (compute.hand_over): serving's now
         since = None if seen is None else round((self._clock() - seen) * 1000.0, 3)
         self._bus.publish(
             CheckpointJudged(

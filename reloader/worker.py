@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .caches import CheckpointCache
 from .canary import Canaries, Canary
-from .compute import lower_thread_priority
+from .compute import hand_over, lower_thread_priority
 from .config import ModelConfig
 from .errors import ConfigError, FetchFailed
 from .events import CheckpointJudged, EventBus, Outcome, ReloadFailed, SourceStatus
@@ -216,7 +216,8 @@ class ModelWorker(LoopThread):
                     # Deleted or renamed since the listing: standby for now; its own event brings another pass.
                     judged[path] = (FileStatus.STANDBY, None)
                 continue
-            verdict = self._judge(gate, config, source, decision)
+            with hand_over():  # no serving pass between the gate's last pass and its swap
+                verdict = self._judge(gate, config, source, decision)
             if verdict is not None:
                 judged[path] = verdict
         if not any(s is FileStatus.CANARY for _, s, _ in decision.files):

@@ -1,4 +1,5 @@
-"""The batcher on its own: batches form from what queued during a pass, and waiting requests follow a swap."""
+"""The batcher on its own: batches form from what queued during a pass, and waiting requests follow a swap, even
+once their pass waits for its turn at the forward lock."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import threading
 import pytest
 import torch
 from conftest import DEADLINE, Project, colours_yaml, png_bytes
-from tinynet import COLOURS, colour_state_dict
+from tinynet import COLOURS, colour_net, colour_state_dict
 from torch import nn
 
 from reloader.batching import Batcher
+from reloader.compute import FORWARD_LOCK, give_back, hand_over, run_forward, turn
 from reloader.config import load_config
 from reloader.gate import Gate
 from reloader.optimize import prepare_module
@@ -108,6 +110,50 @@ def test_a_waiting_request_stays_on_its_version_when_the_model_definition_change
         row, served = answers[key]
         assert served.version == 1 and _label(row) == "red", key
     assert old_passes == [1, 2]
+
+
+def test_a_pass_waiting_for_its_turn_when_a_swap_lands_runs_on_the_new_version(project: Project):
+    old = _live(project, "colours-v1.pt", colour_state_dict())
+    new = _live(project, "colours-v2.pt", colour_state_dict(permute=(1, 0, 2)))
+    current = {"colours": old}
+    red = old.preprocessor.load(png_bytes("red"))
+
+    async def main() -> list[tuple[torch.Tensor, LiveModel]]:
+        batcher = Batcher(current=current.get)
+        try:
+            with turn():  # as a gate's last pass holds it until its swap (compute.hand_over)
+                following = asyncio.ensure_future(batcher.submit(old, red, DEADLINE, follow=True))
+                pinned = asyncio.ensure_future(batcher.submit(old, red, DEADLINE, follow=False))
+                await asyncio.sleep(0)  # one turn of the loop: both tasks run up to their wait
+                assert batcher.queue_depth("colours") == 1  # the first one's pass started, on v1
+                current["colours"] = new
+            return list(await asyncio.gather(following, pinned))
+        finally:
+            batcher.close()
+
+    (row, served), (pinned_row, pinned_served) = asyncio.run(main())
+    assert served is new and _label(row) == "green"
+    assert pinned_served is old and _label(pinned_row) == "red"  # asked for its version, keeps it
+
+
+def test_a_gates_last_pass_keeps_its_turn_only_inside_hand_over_and_only_until_given_back():
+    net, x = colour_net().eval(), torch.rand(1, 3, 8, 8)
+    run_forward(net, x, last=True)
+    assert not FORWARD_LOCK.locked()  # `reloader validate` and tests judge outside hand_over: nothing is kept
+    with hand_over():
+        run_forward(net, x, last=True)
+        assert FORWARD_LOCK.locked()
+        run_forward(net, x)  # this thread's next pass gives the kept turn back, then takes its own
+        assert not FORWARD_LOCK.locked()
+        run_forward(net, x, last=True)
+        give_back()  # the swap
+        assert not FORWARD_LOCK.locked()
+        run_forward(net, x, last=True)  # a rejection: the block's end gives it back
+    assert not FORWARD_LOCK.locked()
+    with pytest.raises(RuntimeError, match="verdict"), hand_over():
+        run_forward(net, x, last=True)
+        raise RuntimeError("acting on the verdict failed")
+    assert not FORWARD_LOCK.locked()
 
 
 class _Overflows(nn.Module):

@@ -1,4 +1,5 @@
-"""The reload worker in-process: failures are recorded and never end it; subscribers cannot undo a swap."""
+"""The reload worker in-process: failures are recorded and never end it; subscribers cannot undo a swap; a swap
+comes in the turn of the gate's last forward pass."""
 
 from __future__ import annotations
 
@@ -9,20 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import Project, colours_yaml, sha256, wait_until
+from test_evaluation import with_evaluation
 from tinynet import colour_state_dict
 
 from reloader import source as sources
+from reloader.compute import FORWARD_LOCK
 from reloader.config import load_config
 from reloader.events import CheckpointJudged, Event, EventBus, Outcome, ReloadFailed
-from reloader.registry import Registry
+from reloader.registry import LiveModel, Registry
 from reloader.source import LocalFolder
 from reloader.worker import ModelWorker, Shared
 
 
-def make_worker(project: Project, bus: EventBus) -> tuple[ModelWorker, Registry]:
+def make_worker(project: Project, bus: EventBus, registry: Registry | None = None) -> tuple[ModelWorker, Registry]:
     config = load_config(project.config)
     model = config.models["colours"]
-    registry = Registry()
+    registry = registry or Registry()
     folder = LocalFolder("colours", model.checkpoints, config.watch, bus)
     return ModelWorker("colours", model, folder, Shared(registry, bus)), registry
 
@@ -262,3 +265,45 @@ def test_a_config_whose_new_model_cannot_start_still_stops_and_unloads_the_model
         assert not dropped.is_alive() and registry.get("colours") is None and supervisor.workers() == []
     finally:
         supervisor.stop()
+
+
+class TurnAtSwap(Registry):
+    """Records, at each swap, whether a forward pass's turn is held: here nothing but the worker runs one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[bool] = []
+
+    def swap(self, live: LiveModel) -> LiveModel | None:
+        self.held.append(FORWARD_LOCK.locked())
+        return super().swap(live)
+
+
+@pytest.mark.parametrize("evaluated", [False, True], ids=["warm-up last", "evaluation last"])
+def test_a_swap_comes_in_the_turn_of_the_gates_last_pass_which_then_goes_back(project: Project, evaluated: bool):
+    """So the serving pass waiting for that turn runs on the new version (test_batching), not the one replaced."""
+    if evaluated:
+        with_evaluation(project)
+    bus = EventBus()
+    events: list[Event] = []
+    bus.subscribe(events.append)
+    registry = TurnAtSwap()
+    worker, _ = make_worker(project, bus, registry)
+    project.save("colours-v1.pt")
+    worker.start()
+    try:
+        wait_until(lambda: registry.get("colours") is not None, what="v1 to go live")
+        project.save("colours-v2.pt", colour_state_dict(permute=(1, 0, 2)))  # answers wrong: rejected
+        worker.rescan()
+        wait_until(lambda: "rejected" in outcomes(events), what="v2's rejection")
+        assert worker.wait_idle(30)
+        assert not FORWARD_LOCK.locked()  # no swap followed the rejection: the turn went back all the same
+        project.save("colours-v3.pt", colour_state_dict(scale=5.0))
+        worker.rescan()
+        wait_until(lambda: registry.get("colours").version == 3, what="v3 to go live")
+        assert worker.wait_idle(30)
+    finally:
+        worker.stop()
+    assert outcomes(events) == ["swapped", "rejected", "swapped"]
+    assert registry.held == [True, True]
+    assert not FORWARD_LOCK.locked()
