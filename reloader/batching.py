@@ -46,7 +46,7 @@ class _Item:
 
 
 def forward(
-    live: LiveModel, batch: torch.Tensor, newest: Callable[[], LiveModel | None] | None
+    live: LiveModel, batch: torch.Tensor, newest: Callable[[], LiveModel | None] | None = None
 ) -> tuple[torch.Tensor, LiveModel]:
     """Probabilities for a batch of preprocessed images, and the record that computed them: `live`, or the
     version `newest` finds live once the pass has its turn, where the batch may move (`newest` given)."""
