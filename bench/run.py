@@ -9,7 +9,6 @@ python -m bench.run --only canary   # section 10 (the shadow canary) alone, into
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -153,15 +152,21 @@ def _canary_section(tmp: Path, logs: Path, images: list[bytes], args: argparse.N
         fh.write("\n".join(["", canary.SECTION, "", *canary.report_lines(run), "", *canary.targets(run), ""]))
 
 
+def _initial() -> tuple[dict[str, torch.Tensor], bytes, float]:
+    """The first checkpoint every server starts from: its state_dict, its bytes, and the ms sha256 of them
+    takes in this process (section 6 gives it for scale)."""
+    base = workload.state_dict(seed=0)
+    initial = workload.to_bytes(base)
+    t0 = time.perf_counter()
+    workload.sha256(initial)
+    return base, initial, (time.perf_counter() - t0) * 1000.0
+
+
 def _split_alone(args: argparse.Namespace) -> None:
     """Section 6 on a reloader of its own, run from this checkout's code (so two checkouts give an A/B)."""
     tmp = Path(tempfile.mkdtemp(prefix="reloader-bench-split-"))
     started, load = time.strftime("%Y-%m-%d %H:%M:%S %Z"), _loadavg()
-    base = workload.state_dict(seed=0)
-    initial = workload.to_bytes(base)
-    t0 = time.perf_counter()
-    hashlib.sha256(initial).hexdigest()
-    sha_ms = (time.perf_counter() - t0) * 1000.0
+    base, initial, sha_ms = _initial()
     folder = workload.checkpoints_folder(tmp, "split", initial)
     config = workload.reloader_config(folder.parent, folder, queue_size=QUEUE_SIZE)
     (tmp / "logs").mkdir()
@@ -201,13 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"working in {tmp}")
     try:
         images = workload.jpeg_images()
-        base = workload.state_dict(seed=0)
-        initial = workload.to_bytes(base)
+        base, initial, sha_ms = _initial()
         init_path = tmp / "resnet18-init.pt"
         init_path.write_bytes(initial)
-        t0 = time.perf_counter()
-        hashlib.sha256(initial).hexdigest()
-        sha_ms = (time.perf_counter() - t0) * 1000.0
 
         def fresh_folder(name: str) -> Path:
             return workload.checkpoints_folder(tmp, name, initial)
