@@ -63,6 +63,17 @@ def forward(
     raise OutOfDeviceMemory(f"{live.name!r} ran out of memory for a batch of {len(batch)}; retry")
 
 
+def stacked_forward(
+    live: LiveModel, tensors: list[torch.Tensor], newest: Callable[[], LiveModel | None] | None
+) -> tuple[torch.Tensor, LiveModel, torch.Tensor]:
+    """`forward` on the images stacked into one batch, here on the inference thread and not on the event loop:
+    while serving, no other thread runs torch work that spreads over the cores (compute.py, "one team").
+    Returns the batch too, for a canary to run on."""
+    batch = stack_images(tensors)
+    probs, live = forward(live, batch, newest)
+    return probs, live, batch
+
+
 def _moved(live: LiveModel, newest: LiveModel | None) -> LiveModel:
     """The version a request bound to `live` may move to: a newer one of the same definition."""
     return newest if newest is not None and newest is not live and newest.config == live.config else live
@@ -187,20 +198,20 @@ class Batcher:
         self._running = True
         loop = asyncio.get_running_loop()
         live = batch[0].live
-        stacked = stack_images([item.tensor for item in batch])
         started = time.perf_counter()
         newest = (lambda: self._current(live.name)) if all(item.follow for item in batch) else None
-        done = loop.run_in_executor(self._executor, forward, live, stacked, newest)
+        tensors = [item.tensor for item in batch]
+        done = loop.run_in_executor(self._executor, stacked_forward, live, tensors, newest)
 
-        def finished(fut: asyncio.Future[tuple[torch.Tensor, LiveModel]]) -> None:
+        def finished(fut: asyncio.Future[tuple[torch.Tensor, LiveModel, torch.Tensor]]) -> None:
             self._running = False
             seconds = time.perf_counter() - started
             self._forward_seconds[live.name] = self._forward_seconds.get(live.name, 0.0) + seconds
             self._on_batch(live.name, len(batch), seconds)
             exc = None if fut.cancelled() else fut.exception()
-            probs, served = (None, live) if fut.cancelled() or exc is not None else fut.result()
+            probs, served, stacked = (None, live, None) if fut.cancelled() or exc is not None else fut.result()
             shadow = self._shadow(live.name)
-            if shadow is not None and probs is not None:
+            if shadow is not None and probs is not None and stacked is not None:
                 shadow.offer(served, stacked, probs)  # a copy to compare on; it never delays these answers
             for i, item in enumerate(batch):
                 if item.future.done():

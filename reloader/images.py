@@ -121,9 +121,11 @@ class Preprocessor:
         # a vector as long as the row broadcasts over the rows as fast as a flat loop, where the three values
         # of the channel axis (a (3,) or (3, 1, 1) vector) take a strided loop twice as slow, and the
         # channels-last layout the forward wants costs a transpose per batch (stack_images).
-        mean, std = torch.tensor(spec.mean, dtype=torch.float64), torch.tensor(spec.std, dtype=torch.float64)
-        self._scale = (1.0 / (255.0 * std)).to(torch.float32).repeat(spec.crop)
-        self._shift = (-mean / std).to(torch.float32).repeat(spec.crop)
+        # In numpy, not torch: torch would spread these over an OpenMP team of this (decoding) thread's own, and a
+        # second team slows serving's forward (compute.py, "one team").
+        mean, std = np.array(spec.mean, dtype=np.float64), np.array(spec.std, dtype=np.float64)
+        self._scale = np.tile((1.0 / (255.0 * std)).astype(np.float32), spec.crop)
+        self._shift = np.tile((-mean / std).astype(np.float32), spec.crop)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         # Pillow does what torchvision's Resize/CenterCrop do on PIL images without the seconds
@@ -141,9 +143,11 @@ class Preprocessor:
             sx, sy = width / size[0], height / size[1]
             box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
             img = img.resize((crop, crop), resample=Image.Resampling.BILINEAR, box=box)
-        rows = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).view(crop, crop * 3).to(torch.float32)
+        rows = np.asarray(img, dtype=np.uint8).reshape(crop, crop * 3).astype(np.float32)
+        rows *= self._scale
+        rows += self._shift
         # Channels first in shape, channels last in memory (H, W, C), as the forward takes them.
-        return rows.mul_(self._scale).add_(self._shift).view(crop, crop, 3).permute(2, 0, 1)
+        return torch.from_numpy(rows).view(crop, crop, 3).permute(2, 0, 1)
 
     def synthetic(self) -> torch.Tensor:
         """A fixed, image-like input for models that have no warm-up images configured."""

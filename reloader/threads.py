@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import ParamSpec, Protocol, TypeVar
 
 logger = logging.getLogger("reloader.threads")
 # stop() waits this long for a tick in progress; a thread stuck past it (a read from a hung mount) is left
@@ -28,6 +28,8 @@ class Stopping(BaseException):
 
 
 _running = threading.local()
+T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def stop_asked() -> bool:
@@ -41,6 +43,30 @@ def stop_if_asked(why: str) -> None:
     """Raise Stopping, saying `why`, where the loop thread that calls is asked to stop."""
     if stop_asked():
         raise Stopping(why)
+
+
+def on_own_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """`fn(*args, **kwargs)` on a new thread that ends with it, the calling thread waiting: what it returns, or
+    what it raises. For torch work that spreads over the cores off the inference thread (a reload's gate): the
+    OpenMP team torch starts for a thread lasts as long as the thread (compute.py, "one team"). The new thread
+    has the caller's name and, on Linux, its priority; stop_if_asked reads the caller's stop."""
+    stop = getattr(_running, "stop", None)
+    outcome: list[T] = []
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        _running.stop = stop
+        try:
+            outcome.append(fn(*args, **kwargs))
+        except BaseException as exc:  # Stopping included: the caller raises it
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, name=threading.current_thread().name, daemon=True)
+    thread.start()
+    thread.join()
+    if raised:
+        raise raised.pop()
+    return outcome[0]
 
 
 class LoopThread:

@@ -37,7 +37,7 @@ from .promotion import Promotion
 from .registry import LiveModel, Registry
 from .report import EvaluationResult
 from .source import CheckpointSource, Clock
-from .threads import LoopThread, stop_if_asked
+from .threads import LoopThread, on_own_thread, stop_if_asked
 
 logger = logging.getLogger("reloader.jobs")  # the name log filters know (see logs.py)
 
@@ -216,8 +216,8 @@ class ModelWorker(LoopThread):
                     # Deleted or renamed since the listing: standby for now; its own event brings another pass.
                     judged[path] = (FileStatus.STANDBY, None)
                 continue
-            with hand_over():  # no serving pass between the gate's last pass and its swap
-                verdict = self._judge(gate, config, source, decision)
+            # A thread that ends with its verdict, and so does the OpenMP team its forward passes start (compute.py)
+            verdict = on_own_thread(self._judge, gate, config, source, decision)
             if verdict is not None:
                 judged[path] = verdict
         if not any(s is FileStatus.CANARY for _, s, _ in decision.files):
@@ -245,6 +245,7 @@ class ModelWorker(LoopThread):
             self._gate_config = config
         return self._gate
 
+    @hand_over()  # no serving pass between the gate's last pass and its swap
     def _judge(
         self, gate: Gate, config: ModelConfig, source: CheckpointSource, action: Judge
     ) -> tuple[FileStatus, str | None] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -282,6 +283,23 @@ def no_thread_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     library = ("ThreadPoolExecutor-",) if request.node.get_closest_marker("torch_compile") else ()
     leaked = wait_until_quiet(before, library)
     assert not leaked, f"threads leaked: {leaked}"
+
+
+def threads_named(name: str) -> int:
+    """This process's OS threads named `name`: a thread, and the OpenMP team torch started for it (Linux names a
+    thread after the one that starts it). Linux only, as serving's "one team" (reloader/compute.py) is."""
+    return sum(1 for task in Path("/proc/self/task").iterdir() if (task / "comm").read_text().strip() == name)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Threads started meanwhile run torch on teams of `n` (the process's setting, which a new thread takes up)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def wait_until_quiet(before: set[threading.Thread], library: tuple[str, ...], timeout: float = 5.0) -> list[str]:

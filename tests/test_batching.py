@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import DEADLINE, Project, colours_yaml, png_bytes
+from conftest import DEADLINE, Project, colours_yaml, png_bytes, threads_named, torch_threads
+from PIL import Image
 from tinynet import COLOURS, colour_net, colour_state_dict
 from torch import nn
 
 from reloader.batching import Batcher
-from reloader.compute import FORWARD_LOCK, give_back, hand_over, run_forward, turn
-from reloader.config import load_config
+from reloader.compute import FORWARD_LOCK, give_back, hand_over, name_thread, run_forward, turn
+from reloader.config import Preprocess, load_config
 from reloader.gate import Gate
+from reloader.images import Preprocessor
 from reloader.optimize import prepare_module
 from reloader.registry import LiveModel
 
@@ -225,3 +229,58 @@ def test_a_device_out_of_memory_is_a_503_to_retry_not_a_server_error(project: Pr
     assert (refused.status, dict(refused.headers)) == (503, {"Retry-After": "1"})
     assert str(refused) == "'colours' ran out of memory for a batch of 1; retry"
     assert refused.__cause__ is None and refused.__context__ is None  # nothing keeps the forward's tensors
+
+
+def _threads_named_after(name: str, work: Callable[[], object]) -> int:
+    """Run `work` on a thread named `name` (its OS name too); how many threads bear that name once it is done,
+    the thread still alive: 1, or more where torch started an OpenMP team for it."""
+    done, leave = threading.Event(), threading.Event()
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        name_thread()
+        try:
+            work()
+        except BaseException as exc:
+            raised.append(exc)
+        done.set()
+        leave.wait(DEADLINE)
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    try:
+        assert done.wait(DEADLINE), f"{name} never finished"
+        count = threads_named(name)
+    finally:
+        leave.set()
+        thread.join()
+    if raised:
+        raise raised[0]
+    return count
+
+
+def test_while_serving_only_the_inference_thread_runs_torch_across_the_cores(project: Project):
+    """A second OpenMP team alive on any other thread makes every layer of serving's forward wake its team through
+    the kernel (reloader/compute.py, "one team"): decoding, preprocessing and stacking a batch start none."""
+    live = _live(project, "colours-v1.pt", colour_state_dict())
+    photo = io.BytesIO()
+    Image.effect_noise((640, 480), 64).convert("RGB").save(photo, "JPEG")
+    # Laid out as preprocessing makes them; a batch of them is large enough for torch to stack across the cores.
+    rows = [torch.rand(224, 224, 3).permute(2, 0, 1) for _ in range(8)]
+
+    async def serve() -> list[tuple[torch.Tensor, LiveModel]]:
+        batcher = Batcher(current={"colours": live}.get)
+        try:
+            return list(await asyncio.gather(*(batcher.submit(live, row, DEADLINE, follow=True) for row in rows)))
+        finally:
+            batcher.close()
+
+    with torch_threads(2):
+        assert _threads_named_after("team-control", lambda: torch.ones(1 << 20).mul_(2)) == 2  # a team, seen so
+        loaded: list[torch.Tensor] = []
+        decode = lambda: loaded.append(Preprocessor(Preprocess()).load(photo.getvalue()))  # noqa: E731
+        assert _threads_named_after("decode-test", decode) == 1
+        answers: list[tuple[torch.Tensor, LiveModel]] = []
+        assert _threads_named_after("loop-test", lambda: answers.extend(asyncio.run(serve()))) == 1
+    assert loaded[0].shape == (3, 224, 224)
+    assert [served for _, served in answers] == [live] * 8

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Project, colours_yaml, sha256, wait_until
+from conftest import Project, colours_yaml, sha256, threads_named, torch_threads, wait_until
 from test_evaluation import with_evaluation
 from tinynet import colour_state_dict
 
@@ -307,3 +307,21 @@ def test_a_swap_comes_in_the_turn_of_the_gates_last_pass_which_then_goes_back(pr
     assert outcomes(events) == ["swapped", "rejected", "swapped"]
     assert registry.held == [True, True]
     assert not FORWARD_LOCK.locked()
+
+
+def test_a_reload_leaves_no_openmp_team_behind_on_the_worker_thread(project: Project):
+    """The gate's forward passes run on a thread that ends with its verdict, and so does the OpenMP team torch
+    started for them: one left on the worker's thread would slow every serving pass (reloader/compute.py)."""
+    # Warm-up images large enough for torch to stack them across the cores.
+    project.write_config(colours_yaml().replace("{resize: 32, crop: 32}", "{resize: 256, crop: 224}"))
+    others = threads_named("reload-colours")  # another test's worker, left behind in a hung read, say
+    with torch_threads(2):
+        worker, registry = make_worker(project, EventBus())
+        project.save("colours-v1.pt")
+        worker.start()
+        try:
+            wait_until(lambda: registry.get("colours") is not None, what="v1 to go live")
+            assert worker.wait_idle(30)
+            wait_until(lambda: threads_named("reload-colours") == others + 1, what="the worker's thread, no team")
+        finally:
+            worker.stop()
