@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 from conftest import Project, colours_yaml, reloader_cmd, subprocess_env
 from tinynet import colour_state_dict
+
+from reloader.cli import SERVING_SPIN_COUNT
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -104,3 +107,20 @@ def test_validate_prints_every_precision_form_it_tried_under_auto(project: Proje
     assert "the forms tried against fp32:" in result.stdout
     table = result.stdout.split("the forms tried against fp32:")[1]
     assert "precision form     device agreement" in table and "bf16" in table
+
+
+def test_serve_shortens_the_openmp_spin_unless_the_operator_chose_one():
+    """`reloader serve` sets GOMP_SPINCOUNT before torch loads (cli.spin_briefly; what it buys: cli.py)."""
+    code = "import os, reloader.cli as c; c.spin_briefly(); print(os.environ.get('GOMP_SPINCOUNT'))"
+
+    def spin_count(before: str = "", **env: str) -> str:
+        clean = {k: v for k, v in subprocess_env(**env).items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+        argv = [sys.executable, "-c", before + code]
+        done = subprocess.run(argv, env={**clean, **env}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert spin_count() == SERVING_SPIN_COUNT
+    assert spin_count(GOMP_SPINCOUNT="5") == "5"
+    assert spin_count(OMP_WAIT_POLICY="PASSIVE") == "None"
+    assert spin_count("import torch; ") == "None"  # too late: OpenMP read its environment as torch loaded
