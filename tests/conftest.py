@@ -285,10 +285,17 @@ def no_thread_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not leaked, f"threads leaked: {leaked}"
 
 
-def threads_named(name: str) -> int:
-    """This process's OS threads named `name`: a thread, and the OpenMP team torch started for it (Linux names a
-    thread after the one that starts it). Linux only, as serving's "one team" (reloader/compute.py) is."""
-    return sum(1 for task in Path("/proc/self/task").iterdir() if (task / "comm").read_text().strip() == name)
+def threads_named(name: str) -> set[str]:
+    """The ids of this process's OS threads named `name`: a thread, and the OpenMP team torch started for it
+    (Linux names a thread after the one that starts it). Linux only, as serving's "one team" (compute.py) is."""
+    named: set[str] = set()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() == name:
+                named.add(task.name)
+        except OSError:  # it ended meanwhile
+            pass
+    return named
 
 
 @contextlib.contextmanager

@@ -250,7 +250,7 @@ def _threads_named_after(name: str, work: Callable[[], object]) -> int:
     thread.start()
     try:
         assert done.wait(DEADLINE), f"{name} never finished"
-        count = threads_named(name)
+        count = len(threads_named(name))
     finally:
         leave.set()
         thread.join()
