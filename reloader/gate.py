@@ -188,6 +188,8 @@ class Gate:
                         variants = exc.tried  # the report keeps every form's numbers, rejected too
                         raise
                     module, precision, form, variants = choice.module, choice.precision, choice.form, choice.tried
+                    if self.evaluation is None:  # the form that will serve makes the last pass, which keeps its turn
+                        run_forward(module, self.warmup[-1].tensor.unsqueeze(0), last=True)
                     detail.append(choice.summary())
                 fp32 = None  # a faster form serves alone: the fp32 reference is released here
             if self.evaluation is not None:

@@ -17,9 +17,12 @@ from reloader import source as sources
 from reloader.compute import FORWARD_LOCK
 from reloader.config import load_config
 from reloader.events import CheckpointJudged, Event, EventBus, Outcome, ReloadFailed
+from reloader.hardware import Hardware
 from reloader.registry import LiveModel, Registry
 from reloader.source import LocalFolder
 from reloader.worker import ModelWorker, Shared
+
+BF16_CPU = Hardware("a CPU with native bf16", frozenset({"avx512_bf16"}), 0)
 
 
 def make_worker(project: Project, bus: EventBus, registry: Registry | None = None) -> tuple[ModelWorker, Registry]:
@@ -279,11 +282,16 @@ class TurnAtSwap(Registry):
         return super().swap(live)
 
 
-@pytest.mark.parametrize("evaluated", [False, True], ids=["warm-up last", "evaluation last"])
-def test_a_swap_comes_in_the_turn_of_the_gates_last_pass_which_then_goes_back(project: Project, evaluated: bool):
+@pytest.mark.parametrize("last", ["warm-up", "evaluation", "fidelity"])
+def test_a_swap_comes_in_the_turn_of_the_gates_last_pass_which_then_goes_back(
+    project: Project, last: str, monkeypatch: pytest.MonkeyPatch
+):
     """So the serving pass waiting for that turn runs on the new version (test_batching), not the one replaced."""
-    if evaluated:
+    if last == "evaluation":
         with_evaluation(project)
+    if last == "fidelity":  # bf16 runs anywhere, slowly where the CPU has no bf16 of its own: fine for a tiny net
+        monkeypatch.setattr(Hardware, "detect", staticmethod(lambda: BF16_CPU))
+        project.write_config(colours_yaml().replace("    preprocess:", "    precision: bf16\n    preprocess:"))
     bus = EventBus()
     events: list[Event] = []
     bus.subscribe(events.append)
@@ -305,6 +313,7 @@ def test_a_swap_comes_in_the_turn_of_the_gates_last_pass_which_then_goes_back(pr
     finally:
         worker.stop()
     assert outcomes(events) == ["swapped", "rejected", "swapped"]
+    assert registry.get("colours").report.precision == ("bf16" if last == "fidelity" else "fp32")
     assert registry.held == [True, True]
     assert not FORWARD_LOCK.locked()
 
