@@ -90,7 +90,8 @@ class Canary:
             if len(self._pending) >= PENDING:
                 self.dropped += len(batch)
                 return
-            self._pending.append((batch, probs.argmax(dim=1).tolist()))
+            # Row by row, as v2.encode_output: no OpenMP team on the event loop's thread (compute.py)
+            self._pending.append((batch, [int(row.argmax()) for row in probs]))
             self._ready.notify()
 
     # -- read by the worker and the status listing -------------------------------------------------

@@ -209,11 +209,13 @@ def encode_output(live: LiveModel, probs: torch.Tensor, want: Requested) -> tupl
     """The output's JSON description and, when binary, its data."""
     if want.classes:
         k = min(want.classes, live.config.num_classes)
-        values, indices = probs.topk(k, dim=1)
+        # Row by row: on the event loop, a batch's topk spreads over the cores from 33 rows of 1000 classes on,
+        # and leaves an OpenMP team on the loop's thread (compute.py, "one team").
+        tops = [row.topk(k) for row in probs]
         strings = [
             f"{p:.6f}:{i}:{live.labels[i]}"
-            for row_p, row_i in zip(values.tolist(), indices.tolist(), strict=True)
-            for p, i in zip(row_p, row_i, strict=True)
+            for row_p, row_i in tops
+            for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)
         ]
         out: dict[str, Any] = {"name": OUTPUT, "datatype": "BYTES", "shape": [len(probs), k]}
         raw = join_bytes([s.encode() for s in strings]) if want.binary else None

@@ -17,12 +17,14 @@ from tinynet import COLOURS, colour_net, colour_state_dict
 from torch import nn
 
 from reloader.batching import Batcher
+from reloader.canary import Canary
 from reloader.compute import FORWARD_LOCK, give_back, hand_over, name_thread, run_forward, turn
-from reloader.config import Preprocess, load_config
+from reloader.config import CanaryConfig, Preprocess, load_config
 from reloader.gate import Gate
 from reloader.images import Preprocessor
 from reloader.optimize import prepare_module
 from reloader.registry import LiveModel
+from reloader.v2 import Requested, encode_output
 
 
 class _Held(nn.Module):
@@ -275,12 +277,28 @@ def test_while_serving_only_the_inference_thread_runs_torch_across_the_cores(pro
         finally:
             batcher.close()
 
+    # What else runs on the loop: a v2 answer's top classes, and a canary's copy of the live answers, for a request
+    # of 64 images (as many as a queue holds by default) over 1000 classes.
+    labels = tuple(f"class {i}" for i in range(1000))
+    wide = dataclasses.replace(live, config=live.config.model_copy(update={"num_classes": 1000, "labels": labels}))
+    probs = torch.rand(64, 1000).softmax(dim=1)
+    canary = Canary(wide, CanaryConfig(), lambda: (0, 0.0), lambda: None)
+    encoded: list[tuple[dict, bytes | None]] = []
+
+    def on_the_loop() -> None:
+        answers.extend(asyncio.run(serve()))
+        encoded.append(encode_output(wide, probs, Requested(binary=False, classes=5)))
+        canary.offer(wide, torch.zeros(64, 3, 8, 8), probs)
+
     with torch_threads(2):
         assert _threads_named_after("team-control", lambda: torch.ones(1 << 20).mul_(2)) == 2  # a team, seen so
         loaded: list[torch.Tensor] = []
         decode = lambda: loaded.append(Preprocessor(Preprocess()).load(photo.getvalue()))  # noqa: E731
         assert _threads_named_after("decode-test", decode) == 1
         answers: list[tuple[torch.Tensor, LiveModel]] = []
-        assert _threads_named_after("loop-test", lambda: answers.extend(asyncio.run(serve()))) == 1
+        assert _threads_named_after("loop-test", on_the_loop) == 1
     assert loaded[0].shape == (3, 224, 224)
     assert [served for _, served in answers] == [live] * 8
+    values, indices = probs.topk(5, dim=1)
+    assert encoded[0][0]["data"][5] == f"{values[1, 0]:.6f}:{indices[1, 0]}:class {indices[1, 0]}"
+    assert [top1 for _, top1 in canary._pending] == [probs.argmax(dim=1).tolist()]  # queued for the candidate
