@@ -77,7 +77,7 @@ class Shared:
 
 
 class ModelWorker(LoopThread):
-    """Owns one model's reloads. The gate and the cache are touched only by its own thread."""
+    """Owns one model's reloads. The gate and the cache are touched only by its thread, or one it waits for."""
 
     def __init__(self, name: str, config: ModelConfig, source: CheckpointSource, shared: Shared) -> None:
         super().__init__(f"reload-{name}")
