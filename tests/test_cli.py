@@ -114,7 +114,7 @@ def test_serve_shortens_the_openmp_spin_unless_the_operator_chose_one():
     code = "import os, reloader.cli as c; c.spin_briefly(); print(os.environ.get('GOMP_SPINCOUNT'))"
 
     def spin_count(before: str = "", **env: str) -> str:
-        clean = {k: v for k, v in subprocess_env(**env).items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+        clean = {k: v for k, v in subprocess_env().items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
         argv = [sys.executable, "-c", before + code]
         done = subprocess.run(argv, env={**clean, **env}, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import Project, colours_yaml, sha256, threads_named, torch_threads, wait_until
 from test_evaluation import with_evaluation
+from test_precision import BF16_ONLY
 from tinynet import colour_state_dict
 
 from reloader import source as sources
@@ -21,8 +22,6 @@ from reloader.hardware import Hardware
 from reloader.registry import LiveModel, Registry
 from reloader.source import LocalFolder
 from reloader.worker import ModelWorker, Shared
-
-BF16_CPU = Hardware("a CPU with native bf16", frozenset({"avx512_bf16"}), 0)
 
 
 def make_worker(project: Project, bus: EventBus, registry: Registry | None = None) -> tuple[ModelWorker, Registry]:
@@ -290,7 +289,7 @@ def test_a_swap_comes_in_the_turn_of_the_gates_last_pass_which_then_goes_back(
     if last == "evaluation":
         with_evaluation(project)
     if last == "fidelity":  # bf16 runs anywhere, slowly where the CPU has no bf16 of its own: fine for a tiny net
-        monkeypatch.setattr(Hardware, "detect", staticmethod(lambda: BF16_CPU))
+        monkeypatch.setattr(Hardware, "detect", staticmethod(lambda: BF16_ONLY))
         project.write_config(colours_yaml().replace("    preprocess:", "    precision: bf16\n    preprocess:"))
     bus = EventBus()
     events: list[Event] = []
