@@ -18,9 +18,9 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -28,6 +28,9 @@ from .compute import name_thread, run_forward, turn
 from .errors import NoFiniteAnswer, OutOfDeviceMemory, Overloaded, RequestTimedOut, out_of_memory
 from .images import stack_images
 from .registry import LiveModel
+from .threads import Stopping
+
+T = TypeVar("T")
 
 
 class Shadow(Protocol):
@@ -88,7 +91,8 @@ def answer(live: LiveModel, row: torch.Tensor) -> tuple[torch.Tensor, LiveModel]
 
 
 class Batcher:
-    """Lives on the event loop: every method but the executor's work runs on the loop thread."""
+    """Lives on the event loop: every method but the executor's work, pressure and on_inference_thread runs on the
+    loop thread."""
 
     def __init__(
         self,
@@ -114,6 +118,19 @@ class Batcher:
         """Requests waiting for the model's forward pass, and the seconds its passes have taken so far.
         Read from a canary's thread: each value is read whole (CPython), and a stale one only delays it."""
         return len(self._queues.get(name, ())), self._forward_seconds.get(name, 0.0)
+
+    def on_inference_thread(self, fn: Callable[[], T]) -> T:
+        """`fn()` on the inference thread, queued behind the pass in progress as the next batch is; the calling
+        thread (a canary's, not the loop's) waits. Its torch work then runs on serving's OpenMP team, not on a
+        second one (compute.py, "one team"). Stopping once the batcher is closed."""
+        try:
+            future = self._executor.submit(fn)
+        except RuntimeError:  # close() came first
+            raise Stopping("serving has stopped") from None
+        try:
+            return future.result()
+        except CancelledError:  # close() dropped it
+            raise Stopping("serving has stopped") from None
 
     def admit(self, live: LiveModel, count: int) -> None:
         """Refuse work before it is decoded when the queue would be full by the time it is: decoding

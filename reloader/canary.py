@@ -2,8 +2,9 @@
 
 Live requests are answered by the live version as always. After each live batch, the batcher hands the
 canary the same preprocessed tensor and the live top-1 labels; the canary's own thread, at reload
-priority, runs the candidate on it and counts agreements. Its forward passes take turns with serving
-(compute.run_forward), so a canary delays a live answer by at most one of its own passes. While the
+priority, has the candidate run on it and counts agreements. The candidate's forward passes run on serving's
+inference thread, in line with the live ones (batching.Batcher.on_inference_thread): a canary delays a live
+answer by at most one of its own passes, and starts no second OpenMP team (compute.py, "one team"). While the
 model's queue is empty every batch is shadowed; while requests wait, shadowing may spend at most
 `max_overhead` of the serving forward time since the canary started, so under saturation it still
 finishes, just more slowly. After `requests` comparisons it decides: promote when the top-1 agreement
@@ -12,19 +13,21 @@ is at least `min_agreement`, else reject. The worker that started it carries the
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from .compute import lower_thread_priority, run_forward
 from .config import CanaryConfig
 from .registry import LiveModel
+from .threads import Stopping
 
 logger = logging.getLogger("reloader.canary")
 PENDING = 16  # batches waiting for the canary; more are dropped (they are only copies)
@@ -37,19 +40,40 @@ class CanaryState(str, Enum):
     REJECT = "reject"  # decided; the worker records the rejection
 
 
-# (requests waiting for the model's forward pass, seconds of serving forward passes so far)
-Pressure = Callable[[], tuple[int, float]]
+T = TypeVar("T")
+
+
+class Traffic(Protocol):
+    """What a canary needs of live serving (batching.Batcher)."""
+
+    def pressure(self, name: str) -> tuple[int, float]:
+        """(requests waiting for the model's forward pass, seconds of its serving forward passes so far)"""
+        ...
+
+    def on_inference_thread(self, fn: Callable[[], T]) -> T:
+        """`fn()` on the inference thread, in line with serving's passes; Stopping once serving has stopped."""
+        ...
+
+
+class NoTraffic:
+    """No serving to shadow (tests, and workers built without a server): passes run on the calling thread."""
+
+    def pressure(self, name: str) -> tuple[int, float]:
+        return 0, 0.0
+
+    def on_inference_thread(self, fn: Callable[[], T]) -> T:
+        return fn()
 
 
 class Canary:
     """One candidate in shadow. Fed by the event loop (`offer`), run by its own thread, read by anyone."""
 
     def __init__(
-        self, candidate: LiveModel, spec: CanaryConfig, pressure: Pressure, on_decided: Callable[[], None]
+        self, candidate: LiveModel, spec: CanaryConfig, traffic: Traffic, on_decided: Callable[[], None]
     ) -> None:
         self.candidate = candidate
         self.spec = spec
-        self._pressure = pressure
+        self._traffic = traffic
         self._on_decided = on_decided
         self.started = time.monotonic()
         self.started_at = time.time()
@@ -59,7 +83,7 @@ class Canary:
         self.shadow_seconds = 0.0
         self.state = CanaryState.SHADOWING
         self.reason: str | None = None
-        self._serving_at_start = pressure()[1]
+        self._serving_at_start = traffic.pressure(candidate.name)[1]
         self._pending: deque[tuple[torch.Tensor, list[int]]] = deque()
         self._ready = threading.Condition()
         self._stopped = False
@@ -149,7 +173,9 @@ class Canary:
             batch, live_top1 = batch[:need], live_top1[:need]
             started = time.perf_counter()
             try:
-                top1 = run_forward(self.candidate.module, batch).argmax(dim=1).tolist()
+                top1 = self._traffic.on_inference_thread(functools.partial(self._top1, batch))
+            except Stopping:
+                return
             except Exception as exc:  # a candidate that fails on live traffic is not one to promote
                 self._decide(CanaryState.REJECT, f"canary: forward pass failed on live traffic: {exc}")
                 return
@@ -167,10 +193,13 @@ class Canary:
                 )
                 return
 
+    def _top1(self, batch: torch.Tensor) -> list[int]:
+        return run_forward(self.candidate.module, batch).argmax(dim=1).tolist()
+
     def _wait_for_budget(self) -> bool:
         """Under saturation, wait until shadowing is within `max_overhead` of serving time. False: stopped."""
         while not self._halt.is_set():
-            waiting, serving = self._pressure()
+            waiting, serving = self._traffic.pressure(self.candidate.name)
             if waiting == 0 or self.shadow_seconds <= self.spec.max_overhead * (serving - self._serving_at_start):
                 return True
             self._halt.wait(BUDGET_POLL_S)

@@ -16,8 +16,9 @@ the teams' threads outnumber the cores, a thread waiting for the next layer spin
 took 35 ms instead of 28 with a second team alive; served at c=1, the forward took 30.0 ms instead of 24.9.
 So while serving, only the inference thread runs torch work that spreads over the cores: decoding normalises
 in numpy (images.Preprocessor), a batch is stacked on the inference thread (batching.stacked_forward), and a
-reload judges each file on a thread that ends with its verdict, team and all (threads.on_own_thread). A
-canary's team lasts as long as the canary. cli.spin_briefly shortens the spin itself for serving.
+reload judges each file on a thread that ends with its verdict, team and all (threads.on_own_thread), and a
+canary's passes run on the inference thread (batching.Batcher.on_inference_thread). cli.spin_briefly shortens
+the spin itself for serving.
 """
 
 from __future__ import annotations

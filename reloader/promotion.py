@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .caches import CheckpointCache
-from .canary import Canaries, Canary, CanaryState
+from .canary import Canaries, Canary, CanaryState, Traffic
 from .compute import give_back
 from .config import ModelConfig
 from .events import CheckpointJudged, EventBus, Outcome
@@ -33,7 +33,7 @@ class Promotion:
         registry: Registry,
         bus: EventBus,
         canaries: Canaries,
-        pressure: Callable[[str], tuple[int, float]],
+        traffic: Traffic,
         clock: Clock,
         decided: Callable[[], None],
     ) -> None:
@@ -41,7 +41,7 @@ class Promotion:
         self.registry = registry
         self._bus = bus
         self._canaries = canaries
-        self._pressure = pressure
+        self._traffic = traffic
         self._clock = clock
         self._decided = decided  # wakes the worker when a canary has decided
         self.canary: Canary | None = None
@@ -99,7 +99,7 @@ class Promotion:
     def _start_canary(self, candidate: LiveModel, config: ModelConfig) -> None:
         assert config.canary is not None
         self.end_canary()  # a newer candidate replaces the one in shadow
-        canary = Canary(candidate, config.canary, lambda: self._pressure(self.name), self._decided)
+        canary = Canary(candidate, config.canary, self._traffic, self._decided)
         self.canary = canary
         self._canaries.set(self.name, canary)
         canary.start()

@@ -111,7 +111,7 @@ class Daemon:
         canaries = Canaries()
         self.batcher = Batcher(current=self.registry.get, on_batch=self.metrics.batch_done, shadow=canaries.get)
         prepare = optimize.prepare_module
-        shared = Shared(self.registry, self.bus, prepare, canaries=canaries, pressure=self.batcher.pressure)
+        shared = Shared(self.registry, self.bus, prepare, canaries=canaries, traffic=self.batcher)
         self.supervisor = Supervisor(config, shared)
         self.bus.subscribe(self.metrics.on_event)
         self.bus.subscribe(self._on_event)

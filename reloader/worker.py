@@ -21,12 +21,11 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .caches import CheckpointCache
-from .canary import Canaries, Canary
+from .canary import Canaries, Canary, NoTraffic, Traffic
 from .compute import hand_over, lower_thread_priority
 from .config import ModelConfig
 from .errors import ConfigError, FetchFailed
@@ -73,7 +72,7 @@ class Shared:
     prepare: Prepare = lambda module, config: module  # as it is
     clock: Clock = time.monotonic
     canaries: Canaries = field(default_factory=Canaries)  # read by the batcher after each live batch
-    pressure: Callable[[str], tuple[int, float]] = lambda name: (0, 0.0)  # Batcher.pressure
+    traffic: Traffic = field(default_factory=NoTraffic)  # the batcher: canaries run on its inference thread
 
 
 class ModelWorker(LoopThread):
@@ -87,7 +86,7 @@ class ModelWorker(LoopThread):
         self._prepare = shared.prepare
         self._clock = shared.clock
         self._promotion = Promotion(
-            name, shared.registry, shared.bus, shared.canaries, shared.pressure, shared.clock, self.rescan
+            name, shared.registry, shared.bus, shared.canaries, shared.traffic, shared.clock, self.rescan
         )
         self._idle = threading.Event()
         self._lock = threading.Lock()

@@ -11,19 +11,20 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import DEADLINE, Project, colours_yaml, png_bytes, threads_named, torch_threads
+from conftest import DEADLINE, Project, colours_yaml, png_bytes, threads_named, torch_threads, wait_until
 from PIL import Image
 from tinynet import COLOURS, colour_net, colour_state_dict
 from torch import nn
 
 from reloader.batching import Batcher
-from reloader.canary import Canary
+from reloader.canary import Canary, CanaryState, NoTraffic
 from reloader.compute import FORWARD_LOCK, give_back, hand_over, name_thread, run_forward, turn
 from reloader.config import CanaryConfig, Preprocess, load_config
 from reloader.gate import Gate
 from reloader.images import Preprocessor
 from reloader.optimize import prepare_module
 from reloader.registry import LiveModel
+from reloader.threads import Stopping
 from reloader.v2 import Requested, encode_output
 
 
@@ -282,7 +283,7 @@ def test_while_serving_only_the_inference_thread_runs_torch_across_the_cores(pro
     labels = tuple(f"class {i}" for i in range(1000))
     wide = dataclasses.replace(live, config=live.config.model_copy(update={"num_classes": 1000, "labels": labels}))
     probs = torch.rand(64, 1000).softmax(dim=1)
-    canary = Canary(wide, CanaryConfig(), lambda: (0, 0.0), lambda: None)
+    canary = Canary(wide, CanaryConfig(), NoTraffic(), lambda: None)
     encoded: list[tuple[dict, bytes | None]] = []
 
     def on_the_loop() -> None:
@@ -302,3 +303,46 @@ def test_while_serving_only_the_inference_thread_runs_torch_across_the_cores(pro
     values, indices = probs.topk(5, dim=1)
     assert encoded[0][0]["data"][5] == f"{values[1, 0]:.6f}:{indices[1, 0]}:class {indices[1, 0]}"
     assert [top1 for _, top1 in canary._pending] == [probs.argmax(dim=1).tolist()]  # queued for the candidate
+
+
+def test_a_canarys_passes_run_on_the_inference_thread_and_leave_its_own_thread_without_a_team(project: Project):
+    """A canary shadows on serving's OpenMP team: one of its own would slow every live pass while it runs
+    (reloader/compute.py, "one team")."""
+    live = _live(project, "colours-v1.pt", colour_state_dict())
+    candidate = _live(project, "colours-v2.pt", colour_state_dict(scale=5.0))
+    ran_on: list[str] = []
+    candidate.module.register_forward_hook(lambda *_: ran_on.append(threading.current_thread().name))
+    batch = torch.rand(8, 3, 224, 224)  # large enough for torch to spread the candidate's pass over the cores
+    probs = run_forward(live.module, batch).softmax(dim=1)
+    with torch_threads(2):
+        batcher = Batcher()
+        canary = Canary(candidate, CanaryConfig(requests=16), batcher, lambda: None)
+        canary.start()
+        try:
+            canary.offer(live, batch, probs)
+            wait_until(lambda: canary.compared == 8, what="the canary's pass")
+            alone = len(threads_named("canary-colours"))  # counted while the canary's thread waits for more
+        finally:
+            canary.stop()
+            batcher.close()
+    assert alone == 1, f"the canary's thread started an OpenMP team: {alone} threads bear its name"
+    assert ran_on == ["inference_0"]
+    assert canary.agreed == 8 and canary.state is CanaryState.SHADOWING  # 8 of its 16 comparisons
+
+
+def test_once_serving_stops_a_canary_ends_without_a_verdict(project: Project):
+    """A pass the closed batcher never ran is no failure of the candidate's: its canary neither rejects nor
+    promotes it."""
+    live = _live(project, "colours-v1.pt", colour_state_dict())
+    batcher = Batcher()
+    batcher.close()
+    with pytest.raises(Stopping):
+        batcher.on_inference_thread(lambda: 1)
+    decided: list[bool] = []
+    canary = Canary(live, CanaryConfig(requests=1), batcher, lambda: decided.append(True))
+    canary.start()
+    batch = torch.rand(1, 3, 8, 8)
+    canary.offer(live, batch, run_forward(live.module, batch).softmax(dim=1))
+    canary._thread.join(DEADLINE)
+    assert not canary._thread.is_alive(), "the canary's thread did not end"
+    assert decided == [] and canary.state is CanaryState.SHADOWING and canary.compared == 0
