@@ -2,8 +2,10 @@
 
 There is one forward pass at a time in the process, so torch's intra-op threads use every core and are
 never oversubscribed by parallel passes. A batch forms from whatever queued while the previous pass
-ran; it waits `max_wait_ms` more only when other requests for that model are still being decoded, so
-a lone request never waits.
+ran. Where it is not full and other requests for that model are still being decoded, it waits for them,
+at most `max_wait_ms` from when the inference thread came free (or from its first request, if later):
+under load, a request whose decoding the last pass delayed joins the next one instead of waiting a whole
+pass more, and a lone request never waits.
 
 A request is bound to the live version when it is admitted, and may move to a newer one while it still
 waits, in the queue or for its pass's turn at the forward lock: once a swap is done, no forward pass
@@ -108,6 +110,7 @@ class Batcher:
         self._queues: dict[str, deque[_Item]] = {}
         self._decoding: dict[str, int] = {}
         self._running = False
+        self._free_since = 0.0  # perf_counter when the inference thread last finished a pass
         self._timer: asyncio.TimerHandle | None = None
         self._on_batch = on_batch
 
@@ -176,7 +179,7 @@ class Batcher:
                 continue
             spec = queue[0].live.config.batch
             if len(queue) < spec.max_size and self._decoding.get(name, 0) > 0 and spec.max_wait_ms > 0:
-                waited = time.perf_counter() - queue[0].enqueued
+                waited = time.perf_counter() - max(queue[0].enqueued, self._free_since)
                 if waited * 1000.0 < spec.max_wait_ms:
                     self._arm_timer(spec.max_wait_ms / 1000.0 - waited)
                     continue
@@ -222,6 +225,7 @@ class Batcher:
 
         def finished(fut: asyncio.Future[tuple[torch.Tensor, LiveModel, torch.Tensor]]) -> None:
             self._running = False
+            self._free_since = time.perf_counter()
             seconds = time.perf_counter() - started
             self._forward_seconds[live.name] = self._forward_seconds.get(live.name, 0.0) + seconds
             self._on_batch(live.name, len(batch), seconds)

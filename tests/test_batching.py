@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import io
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -88,6 +89,39 @@ def _run_behind_a_held_pass(
         return dict(zip(("in_flight", "following", "pinned"), answers, strict=True))
 
     return asyncio.run(main()), held.batches
+
+
+def test_under_load_a_pass_waits_for_a_request_still_decoding_once_the_inference_thread_is_free(project: Project):
+    """max_wait_ms counts from the end of the last pass, not from the first queued request: that one waited a whole
+    pass already, and without the wait the request still decoding would wait for another."""
+    live = _live(project, "colours-v1.pt", colour_state_dict())
+    batch = live.config.batch.model_copy(update={"max_wait_ms": 500.0})
+    held = _Held(live.module)
+    live = dataclasses.replace(live, module=held, config=live.config.model_copy(update={"batch": batch}))
+    red = live.preprocessor.load(png_bytes("red"))
+
+    async def main() -> None:
+        batcher = Batcher(current={"colours": live}.get)
+        try:
+            first = asyncio.ensure_future(batcher.submit(live, red, DEADLINE))
+            assert await asyncio.to_thread(held.entered.wait, DEADLINE)
+            queued = asyncio.ensure_future(batcher.submit(live, red, DEADLINE))
+            batcher.decoding("colours", 1)  # a third request, still being decoded
+            await asyncio.sleep(0)  # one turn of the loop: the second request is queued
+            since = time.perf_counter()
+            # The queued request has waited longer than max_wait_ms when the pass it waits behind ends.
+            await asyncio.to_thread(wait_until, lambda: time.perf_counter() - since > 0.6, what="max_wait_ms to pass")
+            held.release.set()
+            await first
+            assert batcher.queue_depth("colours") == 1, "the next pass started without the request still decoding"
+            batcher.decoding("colours", -1)
+            await asyncio.gather(queued, batcher.submit(live, red, DEADLINE))
+        finally:
+            held.release.set()
+            batcher.close()
+
+    asyncio.run(main())
+    assert held.batches == [1, 2]
 
 
 def test_a_request_waiting_when_a_swap_lands_is_answered_by_the_new_version(project: Project):
