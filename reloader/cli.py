@@ -135,8 +135,10 @@ def spin_briefly() -> None:
 def _serve(args: argparse.Namespace) -> int:
     spin_briefly()
     from .config import load_config
+    from .memory import one_arena
     from .server import Daemon
 
+    one_arena()
     config = load_config(args.config)
     return Daemon(config, host=args.host, port=args.port, access_log=args.access_log).run()
 

@@ -124,3 +124,57 @@ def test_serve_shortens_the_openmp_spin_unless_the_operator_chose_one():
     assert spin_count(GOMP_SPINCOUNT="5") == "5"
     assert spin_count(OMP_WAIT_POLICY="PASSIVE") == "None"
     assert spin_count("import torch; ") == "None"  # too late: OpenMP read its environment as torch loaded
+
+
+HEAPS = """
+import ctypes, os, re, tempfile, threading
+
+def heaps() -> int:
+    \"\"\"glibc's malloc arenas in use once 4 threads have allocated at the same time (malloc_info's heaps).\"\"\"
+    together = threading.Barrier(4)
+
+    def allocate() -> None:
+        held = [ctypes.create_string_buffer(4096) for _ in range(64)]  # over pymalloc's 512 bytes: malloc's
+        together.wait(60)
+
+    threads = [threading.Thread(target=allocate) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    libc = ctypes.CDLL(None)
+    libc.fdopen.restype = ctypes.c_void_p
+    with tempfile.TemporaryFile() as f:
+        stream = ctypes.c_void_p(libc.fdopen(os.dup(f.fileno()), b"w"))
+        libc.malloc_info(0, stream)
+        libc.fclose(stream)
+        f.seek(0)
+        return len(re.findall(rb"<heap nr=", f.read()))
+"""
+
+
+def test_serve_allocates_from_one_malloc_arena_unless_the_operator_chose_how_many(project: Project):
+    """`reloader serve` has glibc use one arena for every thread (memory.one_arena, which says what it buys); the
+    daemon is replaced by one that counts the arenas its threads allocate from."""
+    project.write_config(colours_yaml())
+    serve = (
+        "import reloader.server\n"
+        "class Counting:\n"
+        "    def __init__(self, *args, **kwargs): pass\n"
+        "    def run(self): print(heaps()); return 0\n"
+        "reloader.server.Daemon = Counting\n"
+        "import reloader.cli\n"
+        f"raise SystemExit(reloader.cli.main(['serve', '--config', {str(project.config)!r}]))\n"
+    )
+
+    def arenas(code: str, **env: str) -> int:
+        clean = {k: v for k, v in subprocess_env().items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
+        done = subprocess.run(
+            [sys.executable, "-c", HEAPS + code], env={**clean, **env}, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.strip().splitlines()[-1])
+
+    assert arenas("print(heaps())") > 1  # glibc's default: threads get arenas of their own
+    assert arenas(serve) == 1
+    assert arenas(serve, MALLOC_ARENA_MAX="3") > 1
