@@ -168,7 +168,7 @@ def model_yaml(folder: Path, golden: Path, *, labels: str = "[red, green, blue]"
         f"    checkpoints: {folder}\n"
         f"{preprocess}"
         f"    max_checkpoint_bytes: {MAX_CKPT}\n"
-        f"    batch: {{max_size: 8, max_wait_ms: 2, queue_size: {QUEUE}}}\n"
+        f"    batch: {{max_size: 8, queue_size: {QUEUE}}}\n"
         f"    warmup: {{images: [{images}], expect: [red, green, blue]}}\n"
     )
 

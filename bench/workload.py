@@ -163,7 +163,7 @@ def reloader_config(
         "    labels: imagenet\n"
         f"    checkpoints: {checkpoints}\n"
         f"    preprocess: {{resize: 256, crop: 224, draft_gap: {'null' if draft_gap is None else draft_gap}}}\n"
-        f"    batch: {{max_size: {max_batch}, max_wait_ms: 2, queue_size: {queue_size}}}\n"
+        f"    batch: {{max_size: {max_batch}, queue_size: {queue_size}}}\n"
         f"    precision: {precision}\n"
         f"    device: {device}\n"
         f"    optimize: {optimize}\n"
