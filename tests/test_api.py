@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
+import os
 import signal
 import threading
 from pathlib import Path
@@ -196,16 +197,16 @@ def test_sigterm_finishes_requests_in_flight_and_exits_zero(project: Project, st
     assert results[0].json()["predictions"][0]["label"] == "blue"
 
 
-def _thread_priorities(pid: int) -> dict[str, set[int]]:
-    """Each OS thread name in a process, with the nice values of the threads so named (/proc)."""
-    found: dict[str, set[int]] = {}
+def _thread_priorities(pid: int) -> dict[str, set[tuple[int, int]]]:
+    """Each OS thread name in a process, with the (nice value, scheduling policy) of the threads so named (/proc)."""
+    found: dict[str, set[tuple[int, int]]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             name = (task / "comm").read_text().strip()
-            nice = int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])  # field 19 of stat
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except FileNotFoundError:  # the thread ended meanwhile
             continue
-        found.setdefault(name, set()).add(nice)
+        found.setdefault(name, set()).add((int(fields[16]), int(fields[38])))  # fields 19 and 41 of stat
     return found
 
 
@@ -217,7 +218,8 @@ def test_decoding_and_reloading_run_below_the_priority_of_serving_s_forward_pass
 
     threads = _thread_priorities(daemon.proc.pid)
 
-    decoders = set().union(*(nice for name, nice in threads.items() if name.startswith("decode_")))
-    assert decoders == {19}, threads
-    assert threads["inference_0"] == {0}, threads  # the forward pass, at the process's own priority
-    assert threads["reload-colours"] == {19}, threads
+    background = (19, os.SCHED_IDLE)
+    decoders = set().union(*(seen for name, seen in threads.items() if name.startswith("decode_")))
+    assert decoders == {background}, threads
+    assert threads["inference_0"] == {(0, os.SCHED_OTHER)}, threads  # the forward pass, at the process's priority
+    assert threads["reload-colours"] == {background}, threads
