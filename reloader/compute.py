@@ -67,7 +67,7 @@ def lower_thread_priority(niceness: int = BACKGROUND_NICENESS) -> None:
     elsewhere a no-op): nice 19, and Linux's SCHED_IDLE, under which a thread runs only on a core no other
     thread wants and gives it up the moment one does. At nice 19 alone, a decode still took a forward's OpenMP
     thread off its core for a scheduler slice now and then, and the team waited for it at the next layer:
-    served side by side on the AMX Xeon (6 rounds, decoding threads only), bf16 c=16 175 against 189 img/s and
+    served side by side on the AMX Xeon (6 rounds of 8 s), bf16 c=16 175 against 189 img/s and
     p99 125 against 112 ms; fp32 c=16 78 against 81 img/s; c=1 alike. The threads this one starts (a forward's
     OpenMP team, a build's child process) inherit both."""
     name_thread()
