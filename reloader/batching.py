@@ -118,9 +118,12 @@ class Batcher:
         return len(self._queues.get(name, ()))
 
     def pressure(self, name: str) -> tuple[int, float]:
-        """Requests waiting for the model's forward pass, and the seconds its passes have taken so far.
-        Read from a canary's thread: each value is read whole (CPython), and a stale one only delays it."""
-        return len(self._queues.get(name, ())), self._forward_seconds.get(name, 0.0)
+        """Requests waiting for the model's forward pass (queued, or still being decoded: under load, with full
+        batches, the queue is empty for most of each pass while the next batch decodes), and the seconds its
+        passes have taken so far. Read from a canary's thread: each value is read whole (CPython), and a stale
+        one only delays it."""
+        waiting = len(self._queues.get(name, ())) + self._decoding.get(name, 0)
+        return waiting, self._forward_seconds.get(name, 0.0)
 
     def on_inference_thread(self, fn: Callable[[], T]) -> T:
         """`fn()` on the inference thread, queued behind the pass in progress as the next batch is; the calling

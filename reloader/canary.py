@@ -4,11 +4,11 @@ Live requests are answered by the live version as always. After each live batch,
 canary the same preprocessed tensor and the live top-1 labels; the canary's own thread, at reload
 priority, has the candidate run on it and counts agreements. The candidate's forward passes run on serving's
 inference thread, in line with the live ones (batching.Batcher.on_inference_thread): a canary delays a live
-answer by at most one of its own passes, and starts no second OpenMP team (compute.py, "one team"). While the
-model's queue is empty every batch is shadowed; while requests wait, shadowing may spend at most
-`max_overhead` of the serving forward time since the canary started, so under saturation it still
-finishes, just more slowly. After `requests` comparisons it decides: promote when the top-1 agreement
-is at least `min_agreement`, else reject. The worker that started it carries the decision out.
+answer by at most one of its own passes, and starts no second OpenMP team (compute.py, "one team"). While no
+request of the model waits (queued, or still being decoded) every batch is shadowed; while requests wait,
+shadowing may spend at most `max_overhead` of the serving forward time since the canary started, so under
+saturation it still finishes, just more slowly. After `requests` comparisons it decides: promote when the
+top-1 agreement is at least `min_agreement`, else reject. The worker that started it carries the decision out.
 """
 
 from __future__ import annotations

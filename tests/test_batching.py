@@ -380,3 +380,20 @@ def test_once_serving_stops_a_canary_ends_without_a_verdict(project: Project):
     canary._thread.join(DEADLINE)
     assert not canary._thread.is_alive(), "the canary's thread did not end"
     assert decided == [] and canary.state is CanaryState.SHADOWING and canary.compared == 0
+
+
+def test_a_canary_counts_requests_still_decoding_as_waiting(project: Project):
+    """With full batches the queue is empty for most of each pass while the next batch decodes: a canary that saw
+    only the queue shadowed as if serving were idle (one that never decided cost c=16 a quarter of its throughput,
+    against its max_overhead of 0.1)."""
+    live = _live(project, "colours-v1.pt", colour_state_dict())
+    batcher = Batcher(current={"colours": live}.get)
+    try:
+        assert batcher.pressure("colours") == (0, 0.0)
+        batcher.decoding("colours", 1)
+        assert batcher.pressure("colours")[0] == 1
+        batcher.decoding("colours", -1)
+        assert batcher.pressure("colours")[0] == 0
+    finally:
+        batcher.close()
+
