@@ -117,13 +117,15 @@ class Batcher:
     def queue_depth(self, name: str) -> int:
         return len(self._queues.get(name, ()))
 
+    def waiting(self, name: str) -> int:
+        """Requests for the model's forward pass: queued, or still being decoded (under load, with full batches,
+        the queue is empty for most of each pass while the next batch decodes)."""
+        return self.queue_depth(name) + self._decoding.get(name, 0)
+
     def pressure(self, name: str) -> tuple[int, float]:
-        """Requests waiting for the model's forward pass (queued, or still being decoded: under load, with full
-        batches, the queue is empty for most of each pass while the next batch decodes), and the seconds its
-        passes have taken so far. Read from a canary's thread: each value is read whole (CPython), and a stale
-        one only delays it."""
-        waiting = len(self._queues.get(name, ())) + self._decoding.get(name, 0)
-        return waiting, self._forward_seconds.get(name, 0.0)
+        """Requests waiting for the model's forward pass (`waiting`), and the seconds its passes have taken so
+        far. Read from a canary's thread: each value is read whole (CPython), and a stale one only delays it."""
+        return self.waiting(name), self._forward_seconds.get(name, 0.0)
 
     def on_inference_thread(self, fn: Callable[[], T]) -> T:
         """`fn()` on the inference thread, queued behind the pass in progress as the next batch is; the calling
@@ -141,7 +143,7 @@ class Batcher:
     def admit(self, live: LiveModel, count: int) -> None:
         """Refuse work before it is decoded when the queue would be full by the time it is: decoding
         requests that are then turned away only slows the ones already admitted."""
-        waiting = self.queue_depth(live.name) + self._decoding.get(live.name, 0)
+        waiting = self.waiting(live.name)
         if waiting + count > live.config.batch.queue_size:
             raise Overloaded(f"model {live.name!r} has {waiting} requests queued, its limit (counting those decoding)")
 

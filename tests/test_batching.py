@@ -396,4 +396,3 @@ def test_a_canary_counts_requests_still_decoding_as_waiting(project: Project):
         assert batcher.pressure("colours")[0] == 0
     finally:
         batcher.close()
-
